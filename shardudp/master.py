@@ -1,0 +1,371 @@
+"""The master: an I/O shell around the supervisor.
+
+Signal handlers only enqueue; the loop wakes on the signal fd, the worker
+pipes and the supervisor's next deadline, and carries out whatever the
+supervisor decides. The master never imports Twisted: each worker installs
+its own reactor after fork.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from . import notify, sockets, supervision, wire
+from .config import ServerConfig
+from .errors import ExitCode, StartupError
+from .socketset import SlotSocket, SocketSet
+from .supervision import Action
+
+log = logging.getLogger("shardudp.master")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+           signal.SIGCHLD)
+
+
+@dataclasses.dataclass
+class Child:
+    pid: int
+    slot: int
+    incarnation: int
+    from_fd: int  # we read the worker's frames here
+    to_fd: int  # we write Stop / Activate here
+    decoder: wire.Decoder
+
+
+class Master:
+    def __init__(self, cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.sockets = SocketSet(cfg.listeners)
+        self.children: dict[int, Child] = {}
+        self.selector = selectors.DefaultSelector()
+        self.signals: collections.deque[int] = collections.deque()
+        self.exit_code: ExitCode | None = None
+        self.exit_reason = ""
+        self.pid = os.getpid()
+        self.hooks: list[Callable[[Action], None]] = []
+        self.sup: supervision.Supervisor | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- startup
+
+    def open_sockets(self) -> None:
+        """Bind everything before forking; raises StartupError."""
+        problems = sockets.find_port_conflicts(
+            (lst.address for lst in self.cfg.listeners if not lst.multicast),
+            sockets.bound_udp_sockets())
+        if problems:
+            raise StartupError(problems[0])
+        for slot in range(self.cfg.workers):
+            self.sockets.open_slot(slot)
+
+    def run(self) -> ExitCode:
+        try:
+            self.open_sockets()
+        except StartupError:
+            self.sockets.close_all()
+            raise
+        self._install_signals()
+        now = self.clock()
+        self.sup = supervision.Supervisor(
+            self.cfg.workers,
+            supervision.Policy(self.cfg.timeout, self.cfg.graceful_timeout,
+                               self.cfg.backoff_max),
+            now)
+        log.info("shardudp master pid=%d starting %d workers for %s", self.pid, self.cfg.workers,
+                 ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners))
+        self.apply(self.sup.start())
+        try:
+            while self.exit_code is None:
+                self._loop_once()
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            signal.signal(sig, self._enqueue_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _enqueue_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    # -- the loop
+
+    def _loop_once(self) -> None:
+        assert self.sup is not None
+        now = self.clock()
+        deadline = self.sup.next_deadline()
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while self._wake_r.recv(4096):
+                        pass
+            else:
+                self._read_child(key.data)
+        while self.signals:
+            self._dispatch_signal(self.signals.popleft())
+        self._reap()
+        self.apply(self.sup.tick(self.clock()))
+
+    def _dispatch_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name.removeprefix("SIG").lower()
+        handler = getattr(self, f"handle_{name}", None)
+        if handler is not None:
+            handler()
+
+    def handle_term(self) -> None:
+        self._shutdown("SIGTERM received")
+
+    def handle_int(self) -> None:
+        self._shutdown("SIGINT received")
+
+    def handle_hup(self) -> None:
+        assert self.sup is not None
+        self.apply(self.sup.reload(self.clock()))
+
+    def handle_ttin(self) -> None:
+        assert self.sup is not None
+        self.apply(self.sup.scale(self.sup.size + 1, self.clock()))
+
+    def handle_ttou(self) -> None:
+        assert self.sup is not None
+        self.apply(self.sup.scale(self.sup.size - 1, self.clock()))
+
+    def handle_chld(self) -> None:
+        self._reap()
+
+    def _shutdown(self, why: str) -> None:
+        assert self.sup is not None
+        if self.sup.stopping:
+            # A second TERM/INT: the operator does not want to wait.
+            log.warning("%s again: killing workers now", why.split()[0])
+            for pid in list(self.children):
+                self._kill(pid, signal.SIGKILL)
+            return
+        notify.notify("STOPPING=1")
+        self.apply(self.sup.shutdown(ExitCode.OK, why, self.clock()))
+
+    def _reap(self) -> None:
+        assert self.sup is not None
+        for _ in range(4096):
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._drain_and_close(child)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            self.apply(self.sup.exited(pid, code, sig, self.clock()))
+
+    # -- worker pipes
+
+    def _read_child(self, child: Child) -> None:
+        try:
+            data = os.read(child.from_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            log.warning("worker pid=%d pipe error: %s", child.pid, exc)
+        if not data:
+            self._unregister(child)
+            return
+        self._feed(child, data)
+
+    def _feed(self, child: Child, data: bytes) -> None:
+        assert self.sup is not None
+        try:
+            messages = child.decoder.feed(data)
+        except wire.WireError as exc:
+            self._unregister(child)
+            self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
+            return
+        for msg in messages:
+            try:
+                self._on_message(child, msg)
+            except wire.WireError as exc:
+                self._unregister(child)
+                self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
+                return
+
+    def _on_message(self, child: Child, msg: wire.Message) -> None:
+        assert self.sup is not None
+        now = self.clock()
+        self.apply(self.sup.heartbeat(child.pid, now))
+        if isinstance(msg, wire.Hello):
+            if (msg.pid, msg.slot, msg.incarnation) != (child.pid, child.slot, child.incarnation):
+                raise wire.WireError(f"hello does not match the process: {msg}")
+        elif isinstance(msg, wire.Ready):
+            self.apply(self.sup.ready(child.pid, now))
+        elif isinstance(msg, wire.BootFailed):
+            self.apply(self.sup.boot_failed(child.pid, msg.reason))
+        elif isinstance(msg, wire.MetricsReport):
+            if (msg.slot, msg.incarnation) != (child.slot, child.incarnation):
+                raise wire.WireError("metrics report names another worker")
+            self.on_metrics(child, msg, now)
+        elif not isinstance(msg, wire.Heartbeat):
+            raise wire.WireError(f"unexpected {msg.TAG} message from a worker")
+
+    def on_metrics(self, child: Child, msg: wire.MetricsReport, now: float) -> None:
+        """Overridden where metrics are aggregated."""
+
+    def _drain_and_close(self, child: Child) -> None:
+        # A worker's last frames (final metrics) may still sit in the pipe.
+        if child.from_fd >= 0:
+            for _ in range(64):
+                try:
+                    data = os.read(child.from_fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._feed(child, data)
+                if child.from_fd < 0:
+                    break
+        self._unregister(child)
+        if child.to_fd >= 0:
+            os.close(child.to_fd)
+            child.to_fd = -1
+
+    def _unregister(self, child: Child) -> None:
+        if child.from_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.from_fd)
+            os.close(child.from_fd)
+            child.from_fd = -1
+
+    def _send(self, pid: int, msg: wire.Message) -> None:
+        child = self.children.get(pid)
+        if child is None or child.to_fd < 0:
+            return
+        try:
+            os.write(child.to_fd, wire.encode(msg))
+        except OSError as exc:
+            # A full or broken pipe means a wedged or dead worker: the
+            # supervisor's deadlines deal with it.
+            log.warning("cannot send %s to worker pid=%d: %s", msg.TAG, pid, exc)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    # -- actions
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            self._apply_one(action)
+            for hook in self.hooks:
+                hook(action)
+
+    def _apply_one(self, a: Action) -> None:
+        assert self.sup is not None
+        if isinstance(a, supervision.Spawn):
+            pid = self._fork(a.slot, a.incarnation)
+            self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
+        elif isinstance(a, supervision.SendStop):
+            self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
+        elif isinstance(a, supervision.Kill):
+            self._kill(a.pid, signal.SIGKILL if a.signal == "KILL" else signal.SIGTERM)
+        elif isinstance(a, supervision.OpenSlot):
+            try:
+                self.sockets.open_slot(a.slot)
+            except StartupError as exc:
+                log.error("cannot open sockets for new slot %d: %s", a.slot, exc)
+        elif isinstance(a, supervision.DetachSlot):
+            self.sockets.detach_slot(a.slot)
+        elif isinstance(a, supervision.CloseSlot):
+            self.sockets.close_slot(a.slot)
+        elif isinstance(a, supervision.Lead):
+            for lst in self.cfg.listeners:
+                if lst.multicast and lst.multicast_mode == "single":
+                    self._send(a.pid, wire.Activate(listener=lst.name, active=True))
+        elif isinstance(a, supervision.AllReady):
+            log.info("all %d workers ready", self.sup.size)
+            notify.notify("READY=1")
+        elif isinstance(a, supervision.Log):
+            log.log(logging.getLevelName(a.level.upper()), "%s", a.message)
+        elif isinstance(a, supervision.Exit):
+            self.exit_code = a.code
+            self.exit_reason = a.reason
+
+    def _fork(self, slot: int, incarnation: int) -> int:
+        if "twisted" in sys.modules:
+            # Twisted in the master means a reactor may leak into every
+            # worker, and an import in a thread may hold a lock across fork.
+            log.error("BUG: twisted was imported in the master before fork")
+        from_r, from_w = os.pipe()
+        to_r, to_w = os.pipe()
+        slot_socks = self.sockets.for_slot(slot)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            self._become_worker(slot, incarnation, slot_socks, to_r, from_w)
+        os.close(from_w)
+        os.close(to_r)
+        os.set_blocking(from_r, False)
+        os.set_blocking(to_w, False)
+        child = Child(pid, slot, incarnation, from_r, to_w, wire.Decoder())
+        self.children[pid] = child
+        self.selector.register(from_r, selectors.EVENT_READ, child)
+        return pid
+
+    def _become_worker(self, slot: int, incarnation: int, slot_socks: list[SlotSocket],
+                       read_fd: int, write_fd: int) -> None:
+        code: int = ExitCode.ERROR
+        try:
+            fds = [ss.sock.fileno() for ss in slot_socks]
+            self.sockets.forget_in_child()
+            own = [SlotSocket(ss.listener, socket.socket(fileno=fd), ss.kind)
+                   for ss, fd in zip(slot_socks, fds, strict=True)]
+            from . import worker
+
+            spec = worker.WorkerSpec(
+                slot=slot, incarnation=incarnation, master_pid=self.pid,
+                read_fd=read_fd, write_fd=write_fd, sockets=own,
+                datapath=self.cfg.datapath, metrics_interval=self.cfg.metrics_interval,
+                heartbeat_interval=min(1.0, self.cfg.timeout / 4),
+                graceful_timeout=self.cfg.graceful_timeout)
+            code = worker.run(spec)
+        except BaseException:
+            log.exception("worker slot=%d crashed", slot)
+        finally:
+            os._exit(code)
+
+    def _cleanup(self) -> None:
+        for pid in list(self.children):
+            self._kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._drain_and_close(child)
+        self.sockets.close_all()
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+

@@ -1,0 +1,465 @@
+"""Supervision decisions. Pure: events in (with ``now``), actions out.
+
+The master feeds this what happened (a worker was spawned, said READY,
+heartbeated, exited; a signal or control command arrived; time passed) and
+carries out the actions it returns. No clock, no processes: the tests drive it
+with plain numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Final
+
+from .errors import ExitCode
+
+#: A worker that stayed READY this long has recovered: its slot's crash
+#: count (and so its backoff) starts again from zero.
+STABLE_AFTER: Final = 10.0
+BACKOFF_BASE: Final = 0.5
+
+
+class WState(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+# -- actions -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spawn:
+    slot: int
+    incarnation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SendStop:
+    pid: int
+    timeout: float
+    drain: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    pid: int
+    signal: str  # "TERM" or "KILL"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenSlot:
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DetachSlot:
+    """Take the slot's sockets out of their reuseport groups (before a drain)."""
+
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseSlot:
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Lead:
+    """Make ``pid`` the one worker reading single-mode listeners."""
+
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AllReady:
+    """Every slot has a READY worker (edge-triggered)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Retired:
+    """A worker process is gone; its last metrics fold into retired totals."""
+
+    slot: int
+    incarnation: int
+    reason: str  # "" for an expected exit, else exit|signal|timeout|wire|boot
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    code: ExitCode
+    reason: str
+
+
+Action = Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady | Retired | Log | Exit
+
+
+# -- state ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Worker:
+    pid: int
+    slot: int
+    incarnation: int
+    started: float
+    last_seen: float
+    state: WState = WState.BOOTING
+    ready_at: float | None = None
+    #: Why we asked it to stop; None while it should be running.
+    stop_reason: str | None = None
+    kill_at: float | None = None
+    boot_error: str | None = None
+
+
+@dataclasses.dataclass
+class Slot:
+    index: int
+    current: int | None = None  # pid serving the slot
+    incoming: int | None = None  # pid replacing it during a rolling reload
+    crashes: int = 0
+    spawn_at: float | None = None  # a scheduled (re)spawn
+    spawning: bool = False  # a Spawn was emitted, its pid not yet known
+    retiring: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    timeout: float
+    graceful_timeout: float
+    backoff_max: float
+
+    @property
+    def kill_grace(self) -> float:
+        """TERM to KILL for a worker that is wedged, not merely slow to stop."""
+        return min(self.graceful_timeout, 5.0)
+
+
+def backoff_delay(crashes: int, cap: float) -> float:
+    """Restart delay after the ``crashes``-th consecutive crash of a slot.
+
+    The first restart is immediate (the socket queues meanwhile); then it
+    doubles from BACKOFF_BASE up to ``cap``.
+    """
+    if crashes <= 1:
+        return 0.0
+    return float(min(cap, BACKOFF_BASE * 2 ** (crashes - 2)))
+
+
+def describe_exit(code: int | None, signal: int | None) -> tuple[str, str]:
+    """(reason label, human text) for a wait status."""
+    if signal is not None:
+        return "signal", f"killed by signal {signal}"
+    if code == ExitCode.BOOT:
+        return "boot", "failed to boot"
+    return "exit", f"exited with code {code}"
+
+
+class Supervisor:
+    def __init__(self, workers: int, policy: Policy, now: float) -> None:
+        self.policy = policy
+        self.slots: dict[int, Slot] = {}
+        self.workers: dict[int, Worker] = {}
+        self._incarnation = 0
+        self._ever_ready = False
+        self._all_ready = False
+        self._stopping: ExitCode | None = None
+        self._stop_reason = ""
+        self._reload: list[int] = []
+        self._reloading = False
+        self._leader: int | None = None
+        self._exited = False
+        self._start_actions: list[Action] = []
+        for i in range(workers):
+            self.slots[i] = Slot(i)
+            self._start_actions += self._spawn(self.slots[i])
+
+    # -- queries
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
+
+    def healthy(self) -> bool:
+        return bool(self.slots) and all(
+            s.current is not None and self.workers[s.current].state is WState.READY
+            for s in self.slots.values()
+        )
+
+    def unready_slots(self) -> list[int]:
+        return [
+            s.index
+            for s in self.slots.values()
+            if s.current is None or self.workers[s.current].state is not WState.READY
+        ]
+
+    @property
+    def leader(self) -> int | None:
+        return self._leader
+
+    # -- events
+
+    def start(self) -> list[Action]:
+        out, self._start_actions = self._start_actions, []
+        return out
+
+    def spawned(self, slot: int, incarnation: int, pid: int, now: float) -> list[Action]:
+        s = self.slots.get(slot)
+        w = Worker(pid, slot, incarnation, started=now, last_seen=now)
+        self.workers[pid] = w
+        if s is None:  # slot removed while forking: nothing to serve
+            return self._request_stop(w, "scale", now, drain=False)
+        s.spawning = False
+        if s.current is None:
+            s.current = pid
+        else:
+            s.incoming = pid
+        if self._stopping is not None:
+            return self._request_stop(w, "shutdown", now, drain=False)
+        return []
+
+    def heartbeat(self, pid: int, now: float) -> list[Action]:
+        w = self.workers.get(pid)
+        if w is not None:
+            w.last_seen = now
+        return []
+
+    def ready(self, pid: int, now: float) -> list[Action]:
+        w = self.workers.get(pid)
+        if w is None or w.state is not WState.BOOTING:
+            return []
+        w.state, w.ready_at, w.last_seen = WState.READY, now, now
+        out: list[Action] = [Log("info", f"worker slot={w.slot} pid={pid} ready")]
+        s = self.slots.get(w.slot)
+        if s is not None and s.incoming == pid and s.current is not None:
+            # Rolling reload: the new worker serves, so the old one may go.
+            old = self.workers[s.current]
+            s.current, s.incoming = pid, None
+            out += self._request_stop(old, "reload", now, drain=False)
+        if self._leader is None or self._leader not in self.workers:
+            self._leader = pid
+            out.append(Lead(pid))
+        return out + self._check_all_ready()
+
+    def boot_failed(self, pid: int, reason: str) -> list[Action]:
+        w = self.workers.get(pid)
+        if w is not None:
+            w.boot_error = reason
+        return []
+
+    def wire_fault(self, pid: int, reason: str, now: float) -> list[Action]:
+        w = self.workers.get(pid)
+        if w is None or w.stop_reason is not None:
+            return []
+        out: list[Action] = [Log("error", f"worker slot={w.slot} pid={pid}: bad frame: {reason}; "
+                                          "replacing it")]
+        w.stop_reason, w.state, w.kill_at = "wire", WState.STOPPING, now + self.policy.kill_grace
+        return [*out, Kill(pid, "TERM")]
+
+    def exited(self, pid: int, code: int | None, signal: int | None, now: float) -> list[Action]:
+        w = self.workers.pop(pid, None)
+        if w is None:
+            return []
+        s = self.slots.get(w.slot)
+        label, text = describe_exit(code, signal)
+        expected = w.stop_reason in ("reload", "scale", "shutdown")
+        reason = "" if expected else (w.stop_reason or label)
+        out: list[Action] = [Retired(w.slot, w.incarnation, reason)]
+        was_incoming = s is not None and s.incoming == pid
+        if s is not None:
+            if s.current == pid:
+                s.current, s.incoming = s.incoming, None
+            elif s.incoming == pid:
+                s.incoming = None
+        if self._leader == pid:
+            self._leader = self._pick_leader()
+            if self._leader is not None:
+                out.append(Lead(self._leader))
+
+        if self._stopping is not None:
+            return out + self._maybe_exit()
+
+        boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
+        if boot and w.state is WState.BOOTING:
+            cause = w.boot_error or "worker exited during boot"
+            if not self._ever_ready:
+                # Before the server ever served, a boot failure is a bad APP or
+                # environment: halt with a distinct code instead of looping.
+                return out + self.shutdown(ExitCode.BOOT, cause, now)
+            if was_incoming:
+                self._reload, self._reloading = [], False
+                return [*out, Log("error", f"reload aborted: new worker for slot {w.slot} failed "
+                                           f"to boot: {cause}; old workers keep serving")]
+        if s is None or s.retiring:
+            if s is not None and s.current is None and s.incoming is None:
+                del self.slots[s.index]
+                out.append(CloseSlot(s.index))
+            return out
+        if expected and s.current is not None:
+            return out + self._advance_reload(now)
+        # Unexpected: a crash, kill -9, timeout or bad frames.
+        if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
+            s.crashes = 0
+        s.crashes += 1
+        delay = backoff_delay(s.crashes, self.policy.backoff_max)
+        msg = f"worker slot={w.slot} pid={pid} {text}"
+        if w.stop_reason in ("timeout", "wire"):
+            msg += f" after {w.stop_reason}"
+        out.append(Log("warning" if delay == 0 else "error",
+                       f"{msg}; restarting" + (f" in {delay:.1f}s" if delay else "")))
+        out += self._check_all_ready()
+        if s.current is None:
+            s.spawn_at = now + delay
+            out += self.tick(now)
+        return out + self._advance_reload(now)
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for s in list(self.slots.values()):
+            if (s.spawn_at is not None and now >= s.spawn_at and self._stopping is None
+                    and not s.retiring):
+                s.spawn_at = None
+                out += self._spawn(s)
+        for w in list(self.workers.values()):
+            if w.state is WState.STOPPING:
+                if w.kill_at is not None and now >= w.kill_at:
+                    w.kill_at = None
+                    out += [Log("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
+                                           "time; killing"), Kill(w.pid, "KILL")]
+            elif now - w.last_seen > self.policy.timeout:
+                w.state, w.stop_reason = WState.STOPPING, "timeout"
+                w.kill_at = now + self.policy.kill_grace
+                out += [Log("error", f"worker slot={w.slot} pid={w.pid} missed its heartbeat "
+                                     f"for {now - w.last_seen:.1f}s; replacing it"),
+                        Kill(w.pid, "TERM")]
+                out += self._check_all_ready()
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``now`` at which ``tick`` has something to do."""
+        times = [s.spawn_at for s in self.slots.values() if s.spawn_at is not None]
+        for w in self.workers.values():
+            if w.state is WState.STOPPING:
+                if w.kill_at is not None:
+                    times.append(w.kill_at)
+            else:
+                times.append(w.last_seen + self.policy.timeout)
+        return min(times) if times else None
+
+    # -- commands (signals and the control socket)
+
+    def shutdown(self, code: ExitCode, reason: str, now: float) -> list[Action]:
+        if self._stopping is not None:
+            return []
+        self._stopping, self._stop_reason = code, reason
+        self._reload = []
+        level = "info" if code == ExitCode.OK else "error"
+        out: list[Action] = [Log(level, f"stopping: {reason}")]
+        for w in list(self.workers.values()):
+            out += self._request_stop(w, "shutdown", now, drain=False)
+        return out + self._maybe_exit()
+
+    def reload(self, now: float) -> list[Action]:
+        if self._stopping is not None:
+            return []
+        if self._reloading:
+            return [Log("warning", "reload already in progress; ignored")]
+        self._reload = sorted(self.slots)
+        self._reloading = True
+        return [Log("info", f"rolling reload of {len(self._reload)} slots"),
+                *self._advance_reload(now)]
+
+    def scale(self, n: int, now: float) -> list[Action]:
+        if self._stopping is not None:
+            return []
+        if n < 1:
+            return [Log("warning", f"scale to {n} refused: at least one worker is needed")]
+        live = sorted(i for i, s in self.slots.items() if not s.retiring)
+        out: list[Action] = []
+        if n > len(live):
+            nxt = max(self.slots, default=-1) + 1
+            out.append(Log("info", f"scaling up from {len(live)} to {n} workers"))
+            for i in range(nxt, nxt + n - len(live)):
+                self.slots[i] = Slot(i)
+                out += [OpenSlot(i), *self._spawn(self.slots[i])]
+            self._all_ready = False
+        elif n < len(live):
+            out.append(Log("info", f"scaling down from {len(live)} to {n} workers"))
+            for i in reversed(live[n:]):
+                s = self.slots[i]
+                s.retiring, s.spawn_at = True, None
+                out.append(DetachSlot(i))
+                pids = [p for p in (s.current, s.incoming) if p is not None]
+                for pid in pids:
+                    out += self._request_stop(self.workers[pid], "scale", now, drain=True)
+                if not pids and not s.spawning:
+                    del self.slots[i]
+                    out += [Log("warning", f"slot {i} had no worker to drain its queue"),
+                            CloseSlot(i)]
+        self._reload = [i for i in self._reload if i in self.slots and not self.slots[i].retiring]
+        return out + self._check_all_ready()
+
+    @property
+    def size(self) -> int:
+        return sum(1 for s in self.slots.values() if not s.retiring)
+
+    # -- internals
+
+    def _spawn(self, s: Slot) -> list[Action]:
+        self._incarnation += 1
+        s.spawning = True
+        return [Spawn(s.index, self._incarnation)]
+
+    def _request_stop(self, w: Worker, why: str, now: float, *, drain: bool) -> list[Action]:
+        if w.state is WState.STOPPING and w.stop_reason in ("shutdown", "scale", "reload"):
+            return []
+        w.state, w.stop_reason = WState.STOPPING, why
+        w.kill_at = now + self.policy.graceful_timeout
+        return [SendStop(w.pid, self.policy.graceful_timeout, drain)]
+
+    def _advance_reload(self, now: float) -> list[Action]:
+        # One slot at a time: wait while a replacement boots or an old worker
+        # of a reloaded slot is still draining.
+        if any(s.incoming is not None or s.spawning for s in self.slots.values()):
+            return []
+        if any(w.stop_reason == "reload" for w in self.workers.values()):
+            return []
+        while self._reload:
+            i = self._reload.pop(0)
+            s = self.slots.get(i)
+            if s is None or s.retiring:
+                continue
+            if s.current is None:
+                continue  # crashed slot: its respawn loads the new code anyway
+            return self._spawn(s)
+        if self._reloading:
+            self._reloading = False
+            return [Log("info", "reload complete")]
+        return []
+
+    def _pick_leader(self) -> int | None:
+        ready = [w for w in self.workers.values()
+                 if w.state is WState.READY and w.stop_reason is None]
+        return min(ready, key=lambda w: w.started).pid if ready else None
+
+    def _check_all_ready(self) -> list[Action]:
+        healthy = self.healthy()
+        if healthy and not self._all_ready:
+            self._all_ready = self._ever_ready = True
+            return [AllReady()]
+        if not healthy:
+            self._all_ready = False
+        return []
+
+    def _maybe_exit(self) -> list[Action]:
+        if self._stopping is None or self.workers or self._exited:
+            return []
+        self._exited = True
+        return [Exit(self._stopping, self._stop_reason)]

@@ -1,0 +1,203 @@
+"""The master <-> worker pipe protocol. Pure: no I/O, no clock.
+
+A frame is a 4-byte big-endian length then a msgpack array
+``[VERSION, tag, body]`` where ``body`` is a map. Every message type is a
+frozen dataclass whose fields are the schema; decoding checks each field's
+type, so a worker (or anything writing into the pipe) cannot hand the master
+a value of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Iterator
+from typing import Any, ClassVar, Final
+
+import msgpack
+
+from .errors import WireError
+
+VERSION: Final = 1
+#: Largest frame accepted. Metrics of a few listeners are ~1 KiB; a log-sized
+#: message is the biggest legitimate thing, and anything past this is a bug
+#: or garbage.
+MAX_FRAME: Final = 1 << 20
+_HEADER: Final = struct.Struct(">I")
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    TAG: ClassVar[str] = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Message):
+    """First frame of a worker, sent right after fork."""
+
+    TAG: ClassVar[str] = "hello"
+    slot: int
+    incarnation: int
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready(Message):
+    """Every listener is adopted and its protocol started."""
+
+    TAG: ClassVar[str] = "ready"
+    pid: int
+    listeners: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat(Message):
+    """Sent from the reactor thread: a wedged reactor stops sending these."""
+
+    TAG: ClassVar[str] = "hb"
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsReport(Message):
+    """Cumulative counters of one incarnation, per listener name."""
+
+    TAG: ClassVar[str] = "metrics"
+    slot: int
+    incarnation: int
+    seq: int
+    listeners: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BootFailed(Message):
+    """The APP could not be loaded or built; restarting will not help."""
+
+    TAG: ClassVar[str] = "bootfail"
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop(Message):
+    """Master -> worker: stop gracefully within ``timeout`` seconds.
+
+    With ``drain``, first read every datagram still queued in the sockets
+    (the master has already taken them out of the reuseport group).
+    """
+
+    TAG: ClassVar[str] = "stop"
+    timeout: float
+    drain: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Activate(Message):
+    """Master -> worker: start (or stop) reading a standby listener."""
+
+    TAG: ClassVar[str] = "activate"
+    listener: str
+    active: bool
+
+
+_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TAG: cls for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Stop, Activate)
+}
+_PY_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "int": (int,),
+    "float": (float, int),
+    "str": (str,),
+    "bool": (bool,),
+    "list[str]": (list,),
+    "dict[str, Any]": (dict,),
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame holding ``msg``."""
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    payload: bytes = msgpack.packb([VERSION, msg.TAG, body], use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"{msg.TAG} message is {len(payload)} bytes, over {MAX_FRAME}")
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _check_field(tag: str, name: str, type_name: str, value: object) -> None:
+    allowed = _PY_TYPES[type_name]
+    # bool is an int subclass: a True where an int belongs is a schema error.
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise WireError(f"{tag}.{name}: expected {type_name}, got {type(value).__name__}")
+    if type_name == "list[str]" and not all(isinstance(v, str) for v in value):  # type: ignore[attr-defined]
+        raise WireError(f"{tag}.{name}: expected a list of strings")
+    if type_name == "dict[str, Any]" and not all(isinstance(k, str) for k in value):  # type: ignore[attr-defined]
+        raise WireError(f"{tag}.{name}: expected string keys")
+
+
+def _parse_untrusted_payload(payload: bytes) -> Message:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"undecodable msgpack frame: {exc}") from None
+    if not (isinstance(obj, list) and len(obj) == 3):
+        raise WireError("frame is not a [version, tag, body] array")
+    version, tag, body = obj
+    if version != VERSION:
+        raise WireError(f"unsupported wire version {version!r} (this side speaks {VERSION})")
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {tag!r}")
+    if not isinstance(body, dict):
+        raise WireError(f"{tag}: body is not a map")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise WireError(f"{tag}: unknown fields {sorted(unknown)}")
+    kwargs: dict[str, object] = {}
+    for name, field in fields.items():
+        if name not in body:
+            if field.default is dataclasses.MISSING:
+                raise WireError(f"{tag}: missing field {name!r}")
+            continue
+        _check_field(tag, name, str(field.type), body[name])
+        kwargs[name] = body[name]
+    return cls(**kwargs)
+
+
+class Decoder:
+    """Incremental frame decoder: feed bytes as they come, get messages.
+
+    After a ``WireError`` the stream is unusable (framing is lost): the
+    caller must drop the peer.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+        self._broken: str | None = None
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._broken is not None:
+            raise WireError(f"stream already broken: {self._broken}")
+        self._buf += data
+        try:
+            return list(self._frames())
+        except WireError as exc:
+            self._broken = str(exc)
+            raise
+
+    def _frames(self) -> Iterator[Message]:
+        buf = self._buf
+        while len(buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf)
+            if size > self._max:
+                raise WireError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+            end = _HEADER.size + size
+            if len(buf) < end:
+                return
+            payload = bytes(buf[_HEADER.size : end])
+            del buf[:end]
+            yield _parse_untrusted_payload(payload)
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)

@@ -1,0 +1,333 @@
+"""The worker: an I/O shell run in the child right after fork.
+
+Order matters: forget the master's state (signals, fds), install our own
+reactor, say hello, build the protocols, adopt the sockets, say READY. Only
+this module (imported after fork) touches Twisted; the master never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import importlib
+import logging
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any, Final
+
+from . import logs, wire
+from .errors import ExitCode
+from .socketset import SlotSocket
+from .stats import ListenerStats
+
+log = logging.getLogger("shardudp.worker")
+
+PR_SET_PDEATHSIG: Final = 1
+#: Bound of one drain: a scale-down reads at most this many queued datagrams.
+DRAIN_LIMIT: Final = 1_000_000
+#: Pending pipe bytes past which periodic frames are dropped, not queued:
+#: they are cumulative, so the next one supersedes a lost one.
+PIPE_BACKLOG: Final = 256 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    slot: int
+    incarnation: int
+    master_pid: int
+    read_fd: int
+    write_fd: int
+    sockets: list[SlotSocket]
+    datapath: str
+    metrics_interval: float
+    heartbeat_interval: float
+    graceful_timeout: float
+
+
+class AppError(Exception):
+    """The APP named on the command line cannot be loaded or built."""
+
+
+def load_app(spec: str) -> Callable[[], Any]:
+    """Resolve ``module:attr`` to a zero-argument protocol factory."""
+    from twisted.internet.protocol import AbstractDatagramProtocol
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AppError(f"cannot import {module_name!r} (from APP {spec!r}): "
+                       f"{type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppError(f"APP {spec!r}: module {module_name!r} has no attribute {attr!r}") \
+                from None
+    if isinstance(obj, type) and not issubclass(obj, AbstractDatagramProtocol):
+        raise AppError(f"APP {spec!r} is a class but not a DatagramProtocol subclass")
+    if not callable(obj):
+        raise AppError(f"APP {spec!r} is neither a DatagramProtocol subclass nor a callable")
+
+    def build() -> Any:
+        try:
+            proto = obj()
+        except Exception as exc:
+            raise AppError(f"APP {spec!r} raised while being built: "
+                           f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(proto, AbstractDatagramProtocol):
+            raise AppError(f"APP {spec!r} returned {type(proto).__name__}, "
+                           "not a DatagramProtocol instance")
+        return proto
+
+    return build
+
+
+def _close_foreign_fds(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _die_with_master(master_pid: int) -> None:
+    """SIGTERM us when the master dies, even by kill -9."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the pipe EOF still tells us
+    if os.getppid() != master_pid:
+        os._exit(ExitCode.ERROR)
+
+
+class PipeWriter:
+    """Non-blocking frames to the master; never wedges the reactor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        os.set_blocking(fd, False)
+
+    def send(self, msg: wire.Message, *, droppable: bool = False) -> None:
+        if droppable and len(self.buf) > PIPE_BACKLOG:
+            return
+        self.buf += wire.encode(msg)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.buf:
+            try:
+                n = os.write(self.fd, self.buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    self.buf.clear()  # master gone; the EOF on our reader stops us
+                    return
+                raise
+            del self.buf[:n]
+
+    def flush_blocking(self, timeout: float) -> None:
+        import select
+
+        deadline_polls = max(1, int(timeout / 0.05))
+        for _ in range(deadline_polls):
+            self.flush()
+            if not self.buf:
+                return
+            select.select([], [self.fd], [], 0.05)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, reactor: Any) -> None:
+        self.spec = spec
+        self.reactor = reactor
+        self.out = PipeWriter(spec.write_fd)
+        self.decoder = wire.Decoder()
+        self.ports: dict[str, Any] = {}
+        self.kinds: dict[str, str] = {}
+        self.stats: dict[str, ListenerStats] = {}
+        self.stopping = False
+        self.hb_seq = 0
+        self.metrics_seq = 0
+
+    # -- the master pipe, as a Twisted reader
+
+    def fileno(self) -> int:
+        return self.spec.read_fd
+
+    def logPrefix(self) -> str:
+        return "shardudp-pipe"
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self.spec.read_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.reactor.removeReader(self)
+            log.warning("master went away; stopping")
+            self.stop(min(2.0, self.spec.graceful_timeout), drain=False)
+            return
+        try:
+            messages = self.decoder.feed(data)
+        except wire.WireError as exc:
+            log.error("bad frame from the master (%s); stopping", exc)
+            self.reactor.removeReader(self)
+            self.stop(self.spec.graceful_timeout, drain=False)
+            return
+        for msg in messages:
+            if isinstance(msg, wire.Stop):
+                self.stop(msg.timeout, drain=msg.drain)
+            elif isinstance(msg, wire.Activate):
+                self.activate(msg.listener, msg.active)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    # -- lifecycle
+
+    def boot(self, factories: dict[str, Callable[[], Any]]) -> None:
+        from .port import port_class
+
+        cls = port_class(self.spec.datapath)
+        counting = self.spec.metrics_interval > 0
+        for ss in self.spec.sockets:
+            name = ss.listener.name
+            stats = ListenerStats() if counting else None
+            if stats is not None:
+                self.stats[name] = stats
+            proto = factories[name]()
+            port = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
+                             max_packet_size=ss.listener.max_packet_size)
+            port.startListening()
+            if ss.kind == "single":
+                port.stopReading()  # standby until the master names us leader
+            self.ports[name] = port
+            self.kinds[name] = ss.kind
+            # The port holds its own dup; ours would keep the file open twice.
+            ss.sock.close()
+
+    def activate(self, name: str, active: bool) -> None:
+        port = self.ports.get(name)
+        if port is None or self.stopping:
+            return
+        if active:
+            port.startReading()
+        else:
+            port.stopReading()
+
+    def heartbeat(self) -> None:
+        self.hb_seq += 1
+        self.out.send(wire.Heartbeat(seq=self.hb_seq), droppable=True)
+
+    def report(self, *, final: bool = False) -> None:
+        if not self.stats:
+            return
+        self.metrics_seq += 1
+        msg = wire.MetricsReport(
+            slot=self.spec.slot, incarnation=self.spec.incarnation, seq=self.metrics_seq,
+            listeners={name: st.snapshot() for name, st in self.stats.items()})
+        self.out.send(msg, droppable=not final)
+
+    def stop(self, timeout: float, *, drain: bool) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        # Our own deadline too: the master may be gone and cannot KILL us.
+        self.reactor.callLater(timeout, self._hard_exit)
+        if drain:
+            for name, port in self.ports.items():
+                if self.kinds[name] != "single":
+                    n = port.drain(DRAIN_LIMIT)
+                    if n:
+                        log.info("drained %d queued datagrams from %s", n, name)
+        from twisted.internet import defer
+
+        waits = [d for d in (port.stopListening() for port in self.ports.values()) if d]
+        defer.DeferredList(waits).addBoth(lambda _: self.reactor.stop())
+
+    def _hard_exit(self) -> None:
+        log.error("graceful stop took longer than its deadline; exiting")
+        self._finish()
+        os._exit(ExitCode.ERROR)
+
+    def _finish(self) -> None:
+        self.report(final=True)
+        self.out.flush_blocking(1.0)
+        logs.flush_worker()
+
+
+def _install_signals(worker: Worker) -> None:
+    def on_term(signum: int, frame: object) -> None:
+        worker.reactor.callFromThread(worker.stop, worker.spec.graceful_timeout, drain=False)
+
+    signal.signal(signal.SIGTERM, on_term)
+    _ignore_group_signals()
+
+
+def _ignore_group_signals() -> None:
+    # A terminal (or `timeout`) signals the whole process group; the master
+    # alone decides what Ctrl-C, hangup and TTIN/TTOU mean.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run(spec: WorkerSpec) -> int:
+    """Run one worker to completion; returns its exit status."""
+    logs.setup_worker(spec.slot)
+    _die_with_master(spec.master_pid)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    _ignore_group_signals()
+    keep = {0, 1, 2, spec.read_fd, spec.write_fd} | logs.worker_fds()
+    keep |= {ss.sock.fileno() for ss in spec.sockets}
+    _close_foreign_fds(keep)
+    os.set_blocking(spec.read_fd, False)
+
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor as _reactor
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    reactor: Any = _reactor
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+    worker = Worker(spec, reactor)
+    worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))
+
+    try:
+        factories = {ss.listener.name: load_app(ss.listener.app) for ss in spec.sockets}
+        worker.boot(factories)
+    except AppError as exc:
+        return _boot_failed(worker, str(exc))
+    except Exception as exc:
+        tb = traceback.format_exc(limit=-3)
+        log.debug("boot failure detail:\n%s", tb)
+        return _boot_failed(worker, f"{type(exc).__name__}: {exc}")
+
+    from twisted.internet.task import LoopingCall
+
+    reactor.addReader(worker)
+    LoopingCall(worker.heartbeat).start(spec.heartbeat_interval, now=False)
+    if spec.metrics_interval > 0:
+        LoopingCall(worker.report).start(spec.metrics_interval, now=False)
+    worker.out.send(wire.Ready(pid=os.getpid(), listeners=sorted(worker.ports)))
+    reactor.callWhenRunning(_install_signals, worker)
+    reactor.run(installSignalHandlers=True)
+    worker._finish()
+    return ExitCode.OK
+
+
+def _boot_failed(worker: Worker, reason: str) -> int:
+    worker.out.send(wire.BootFailed(reason=reason))
+    worker.out.flush_blocking(1.0)
+    logs.flush_worker()
+    return ExitCode.BOOT

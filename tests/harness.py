@@ -1,0 +1,263 @@
+"""Run real shardudp servers on loopback and talk to them, with deadlines.
+
+Waiting is always on an event (a log line, a readable socket, a pidfd) with
+a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+#: Every server a test started, by session id, for the leak check.
+STARTED_SESSIONS: set[int] = set()
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes (not zombies) of session ``sid``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(name))
+    return out
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    """Wait for any process (not only our child) to exit, via a pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        r, _, _ = select.select([fd], [], [], timeout)
+        return bool(r)
+    finally:
+        os.close(fd)
+
+
+class Server:
+    """A ``python -m shardudp run ...`` process and its captured log."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shardudp", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=full_env, cwd=cwd or ROOT, start_new_session=True)
+        STARTED_SESSIONS.add(self.proc.pid)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float = 15.0, start: int = 0,
+                  count: int = 1) -> list[re.Match[str]]:
+        """Wait until ``count`` log lines from index ``start`` match ``pattern``."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for ln in self.lines[start:] if (m := rx.search(ln))]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(
+                        f"timed out waiting for {count}x {pattern!r}; log:\n" + "\n".join(
+                            self.lines[-60:]))
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def ready_pids(self, start: int = 0, count: int = 1, timeout: float = 15.0) -> dict[int, int]:
+        """slot -> pid of the next ``count`` READY lines."""
+        ms = self.wait_line(r"worker slot=(\d+) pid=(\d+) ready", timeout, start, count)
+        return {int(m.group(1)): int(m.group(2)) for m in ms}
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+        self.kill_all()
+        self._reader.join(5)
+        assert "BUG:" not in self.log, self.log
+
+    def kill_all(self) -> None:
+        for pid in session_pids(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def serving(app: str, workers: int = 2, extra: Sequence[str] = (),
+            family: socket.AddressFamily = socket.AF_INET, ready: bool = True,
+            env: dict[str, str] | None = None, tries: int = 5) -> Iterator[tuple[Server, int]]:
+    """Start ``app`` on a free loopback port, retrying if the port was taken."""
+    host = "[::1]" if family == socket.AF_INET6 else "127.0.0.1"
+    for attempt in range(tries):
+        port = free_port(family)
+        srv = Server(["run", app, "--bind", f"{host}:{port}", "--workers", str(workers),
+                      *extra], env=env)
+        try:
+            if ready:
+                try:
+                    srv.wait_line(r"all \d+ workers ready", timeout=20)
+                except AssertionError:
+                    if "already in use" in srv.log and attempt < tries - 1:
+                        continue
+                    raise
+            yield srv, port
+            return
+        finally:
+            srv.stop()
+    raise AssertionError("could not find a free port")
+
+
+class Flows:
+    """``n`` client sockets, each its own flow (source port)."""
+
+    def __init__(self, n: int, port: int, family: socket.AddressFamily = socket.AF_INET) -> None:
+        self.host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        self.port = port
+        self.socks = []
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            s.bind((self.host, 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            s.setblocking(False)
+            self.socks.append(s)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+    def __enter__(self) -> Flows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, i: int, data: bytes) -> None:
+        self.socks[i].sendto(data, (self.host, self.port))
+
+    def collect(self, want: int, timeout: float, bufsize: int = 65536) -> list[tuple[int, bytes]]:
+        """Receive until ``want`` replies or the deadline: (flow, data)."""
+        got: list[tuple[int, bytes]] = []
+        index = {s.fileno(): i for i, s in enumerate(self.socks)}
+        deadline = time.monotonic() + timeout
+        while len(got) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            r, _, _ = select.select(self.socks, [], [], left)
+            for s in r:
+                for _ in range(1000):
+                    try:
+                        data = s.recv(bufsize)
+                    except BlockingIOError:
+                        break
+                    got.append((index[s.fileno()], data))
+        return got
+
+    def stream(self, rate: float, duration: float, on_tick: dict[float, object] | None = None,
+               prefix: bytes = b"") -> tuple[int, set[bytes]]:
+        """Send at ``rate``/s for ``duration`` s round-robin over the flows,
+        receiving replies as they come; ``on_tick`` maps a fraction of the
+        duration to a callable run once when reached. Returns (sent, replies).
+        """
+        actions = sorted((on_tick or {}).items())
+        interval = 1.0 / rate
+        total = int(rate * duration)
+        replies: set[bytes] = set()
+        start = time.monotonic()
+        index = 0
+        while index < total:
+            now = time.monotonic()
+            while actions and (now - start) >= actions[0][0] * duration:
+                _, fn = actions.pop(0)
+                fn()  # type: ignore[operator]
+            due = start + index * interval
+            if now >= due:
+                self.send(index % len(self.socks), prefix + b"%08d" % index)
+                index += 1
+                continue
+            r, _, _ = select.select(self.socks, [], [], due - now)
+            for s in r:
+                for _ in range(100):
+                    try:
+                        replies.add(s.recv(65536))
+                    except BlockingIOError:
+                        break
+        for _, data in self.collect(total - len(replies), timeout=10.0):
+            replies.add(data)
+            if len(replies) >= total:
+                break
+        return total, replies
