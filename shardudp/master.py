@@ -84,13 +84,26 @@ class Master:
             now)
         log.info("shardudp master pid=%d starting %d workers for %s", self.pid, self.cfg.workers,
                  ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners))
-        self.apply(self.sup.start())
         try:
+            self.before_spawn()
+            self.apply(self.sup.start())
             while self.exit_code is None:
                 self._loop_once()
+                self.after_loop()
         finally:
             self._cleanup()
         return self.exit_code
+
+    # Extension points for what hangs off the master (see server.py).
+
+    def before_spawn(self) -> None:
+        """Sockets are bound, no worker exists yet."""
+
+    def after_loop(self) -> None:
+        """Once per loop iteration, after events and deadlines were handled."""
+
+    def before_close(self) -> None:
+        """Every worker is gone; the sockets are about to be closed."""
 
     def _install_signals(self) -> None:
         self._wake_r.setblocking(False)
@@ -295,9 +308,13 @@ class Master:
         elif isinstance(a, supervision.CloseSlot):
             self.sockets.close_slot(a.slot)
         elif isinstance(a, supervision.Lead):
-            for lst in self.cfg.listeners:
-                if lst.multicast and lst.multicast_mode == "single":
-                    self._send(a.pid, wire.Activate(listener=lst.name, active=True))
+            single = [lst.name for lst in self.cfg.listeners
+                      if lst.multicast and lst.multicast_mode == "single"]
+            for name in single:
+                self._send(a.pid, wire.Activate(listener=name, active=True))
+            if single:
+                log.info("worker pid=%d now reads single-mode listeners %s", a.pid,
+                         ", ".join(single))
         elif isinstance(a, supervision.AllReady):
             log.info("all %d workers ready", self.sup.size)
             notify.notify("READY=1")
@@ -347,6 +364,9 @@ class Master:
         except BaseException:
             log.exception("worker slot=%d crashed", slot)
         finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
             os._exit(code)
 
     def _cleanup(self) -> None:
@@ -361,6 +381,7 @@ class Master:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._drain_and_close(child)
+        self.before_close()
         self.sockets.close_all()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)

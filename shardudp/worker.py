@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, Final
@@ -282,6 +283,10 @@ def _ignore_group_signals() -> None:
 def run(spec: WorkerSpec) -> int:
     """Run one worker to completion; returns its exit status."""
     logs.setup_worker(spec.slot)
+    # print() in a protocol should show up now, not when a buffer fills.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     _die_with_master(spec.master_pid)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):
@@ -292,13 +297,11 @@ def run(spec: WorkerSpec) -> int:
     _close_foreign_fds(keep)
     os.set_blocking(spec.read_fd, False)
 
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor as _reactor
     from twisted.logger import STDLibLogObserver, globalLogBeginner
 
-    reactor: Any = _reactor
+    from . import reactor as shard_reactor
+
+    reactor: Any = shard_reactor.install(spec.datapath)
     globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
     worker = Worker(spec, reactor)
     worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))

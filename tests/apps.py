@@ -64,3 +64,29 @@ def broken_factory():
 
 class NotAProtocol:
     pass
+
+
+class Probe(DatagramProtocol):
+    """Answers commands about the transport: used to check API behaviour."""
+
+    def datagramReceived(self, data, addr):
+        from twisted.internet import reactor
+
+        cmd, _, arg = data.partition(b" ")
+        if cmd == b"connect":
+            try:
+                self.transport.connect("127.0.0.1", 9)
+            except Exception as exc:  # the point: report what was raised
+                self.transport.write(f"{type(exc).__name__}: {exc}".encode(), addr)
+            else:
+                self.transport.write(b"connected", addr)
+        elif cmd == b"hostname":
+            try:
+                self.transport.write(b"x", ("localhost", addr[1]))
+            except Exception as exc:
+                self.transport.write(f"{type(exc).__name__}: {exc}".encode(), addr)
+        elif cmd == b"resolve":
+            d = reactor.resolve(arg.decode())
+            d.addCallback(lambda ip: self.transport.write(b"resolved " + ip.encode(), addr))
+        else:
+            self.transport.write(b"%d:" % os.getpid() + data, addr)

@@ -1,0 +1,479 @@
+"""Prometheus exposition: a custom collector over the master's state, and its HTTP endpoint.
+
+Threading model: the master's loop owns every mutable thing. It publishes an
+immutable ``ExportView`` by one attribute assignment (see ``LatestView``);
+the HTTP thread only ever reads whole views, so the master never takes a lock.
+Kernel socket stats and /proc are read at scrape time, here, so drops are
+counted even while a worker is down or stopped: the master holds the sockets.
+
+The master never imports twisted; neither does this module (its version comes
+from package metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from types import MappingProxyType
+from typing import Final
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from shardudp import sockstats
+from shardudp.errors import StartupError
+from shardudp.metrics import (
+    RESTART_REASONS,
+    ZERO,
+    BookSnapshot,
+    DropUnwrapper,
+    ListenerSeries,
+)
+from shardudp.stats import SAMPLE_EVERY
+
+log = logging.getLogger("shardudp.exporter")
+
+DEFAULT_HOST: Final = "127.0.0.1"
+_SL: Final = ("slot", "listener")
+
+
+@dataclass(frozen=True, slots=True)
+class BuildInfo:
+    version: str
+    python: str
+    twisted: str
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@cache
+def build_info() -> BuildInfo:
+    """Versions from package metadata: importing twisted here is forbidden."""
+    version = _dist_version("shardudp")
+    if version == "unknown":  # running from a source tree, not installed
+        from shardudp import __version__ as version
+    return BuildInfo(
+        version=version,
+        python=platform.python_version(),
+        twisted=_dist_version("twisted"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """What the master knows about the process currently serving one slot.
+
+    ``last_report_at`` is on the collector's clock (``time.monotonic`` unless
+    told otherwise); None means "take it from the book", which is stamped with
+    the ``now`` the master passed to ``MetricsBook.report``. ``started_at`` is
+    Unix time, used for the start-time metric only when /proc cannot say.
+    """
+
+    pid: int | None
+    ready: bool
+    started_at: float | None = None
+    last_report_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportView:
+    """Everything one scrape needs, frozen. Build a new one to change anything.
+
+    ``sockets`` lists each kernel socket the master holds as (slot, listener,
+    socket). A socket shared by several slots may be listed under each; it is
+    exported once, under the first slot listed, so drops are not multiplied.
+    """
+
+    book: BookSnapshot = field(default_factory=BookSnapshot)
+    workers: Mapping[int, WorkerState] = field(default_factory=lambda: MappingProxyType({}))
+    sockets: tuple[tuple[int, str, socket.socket], ...] = ()
+    master_pid: int | None = None
+    build: BuildInfo = field(default_factory=build_info)
+
+    def __post_init__(self) -> None:
+        # Copy what the master handed in: it may keep mutating its own dict
+        # while the HTTP thread reads this view.
+        object.__setattr__(self, "workers", MappingProxyType(dict(self.workers)))
+        object.__setattr__(self, "sockets", tuple(self.sockets))
+
+    def not_ready(self) -> list[int]:
+        return sorted(s for s, w in self.workers.items() if w.pid is None or not w.ready)
+
+
+class LatestView:
+    """A source whose view the master replaces with one assignment (atomic under the GIL)."""
+
+    def __init__(self, view: ExportView | None = None) -> None:
+        self.view = view if view is not None else ExportView()
+
+    def __call__(self) -> ExportView:
+        return self.view
+
+
+def _counter(name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+# (family name, HELP, Counts attribute) of the per-listener traffic counters.
+_TRAFFIC: Final = (
+    ("shardudp_datagrams_received_total", "Datagrams handed to the protocol.", "rx_datagrams"),
+    ("shardudp_datagrams_sent_total", "Datagrams the protocol sent.", "tx_datagrams"),
+    ("shardudp_bytes_received_total", "Payload bytes received.", "rx_bytes"),
+    ("shardudp_bytes_sent_total", "Payload bytes sent.", "tx_bytes"),
+    ("shardudp_send_errors_total", "Sends that failed (e.g. EAGAIN, ECONNREFUSED).", "tx_errors"),
+)
+
+_DURATION_HELP: Final = (
+    "Time spent in datagramReceived, sampled: one datagram in "
+    f"{SAMPLE_EVERY} is timed, so _count is about 1/{SAMPLE_EVERY} of datagrams received."
+)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+class ShardCollector:
+    """A prometheus_client collector reading one ``ExportView`` per scrape.
+
+    Cost per scrape grows with slots * listeners (plus one /proc read per
+    process); it never looks at per-datagram or per-peer data.
+    """
+
+    def __init__(
+        self, source: Callable[[], ExportView], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._source = source
+        self._clock = clock
+        # Scrapes may run concurrently (threaded server); the wrap state is
+        # the only thing they share. This lock is never taken by the master.
+        self._drops_lock = threading.Lock()
+        self._drops = DropUnwrapper()
+
+    def describe(self) -> list[Metric]:
+        # Registering must not call source() (the master may not have a view yet).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._source()
+        slots = self._slots(view)
+        yield from self._traffic(view)
+        yield from self._socket_stats(view)
+        yield from self._workers(view, slots)
+        yield from self._processes(view)
+        info = _gauge(
+            "shardudp_build_info",
+            "Build versions; the value is always 1.",
+            ("version", "python", "twisted"),
+        )
+        info.add_metric((view.build.version, view.build.python, view.build.twisted), 1)
+        yield info
+
+    @staticmethod
+    def _slots(view: ExportView) -> list[int]:
+        known = set(view.workers) | {s for s, _, _ in view.sockets}
+        known |= {s.slot for s in view.book.listeners} | set(view.book.last_report_at)
+        known |= {slot for slot, _ in view.book.restarts}
+        return sorted(known)
+
+    @staticmethod
+    def _series(view: ExportView) -> list[ListenerSeries]:
+        # Listeners with sockets but no report yet export zeros, so a series
+        # exists from the start and rate() has a first point.
+        have = {(s.slot, s.listener) for s in view.book.listeners}
+        extra = {(slot, name) for slot, name, _ in view.sockets} - have
+        series = list(view.book.listeners) + [ListenerSeries(s, n, ZERO) for s, n in extra]
+        return sorted(series, key=lambda s: (s.slot, s.listener))
+
+    def _traffic(self, view: ExportView) -> Iterator[Metric]:
+        series = self._series(view)
+        for name, doc, attr in _TRAFFIC:
+            fam = _counter(name, doc, _SL)
+            for s in series:
+                fam.add_metric((str(s.slot), s.listener), getattr(s.counts, attr))
+            yield fam
+
+        errors = _counter(
+            "shardudp_handler_errors_total",
+            "Exceptions raised by the protocol's datagramReceived, by kind.",
+            (*_SL, "error"),
+        )
+        hist = HistogramMetricFamily(
+            "shardudp_handler_duration_seconds", _DURATION_HELP, labels=_SL
+        )
+        for s in series:
+            labels = (str(s.slot), s.listener)
+            for kind, n in s.errors:
+                errors.add_metric((*labels, kind), n)
+            buckets = [(_le(le), float(n)) for le, n in s.histogram]
+            hist.add_metric(labels, buckets, s.duration_sum_seconds)
+        yield errors
+        yield hist
+
+    def _socket_stats(self, view: ExportView) -> Iterator[Metric]:
+        drops = _counter(
+            "shardudp_socket_drops_total",
+            "Datagrams the kernel dropped on this socket (receive buffer full, "
+            "checksum, filter); counted by the kernel, so also while no worker reads.",
+            _SL,
+        )
+        queue = _gauge(
+            "shardudp_socket_receive_queue_bytes",
+            "Bytes (truesize) waiting in the socket's receive queue.",
+            _SL,
+        )
+        rcvbuf = _gauge(
+            "shardudp_socket_receive_buffer_bytes",
+            "The socket's effective receive buffer (SO_RCVBUF as the kernel stores it).",
+            _SL,
+        )
+        picked: list[tuple[int, str, socket.socket, int]] = []
+        seen: set[int] = set()
+        for slot, name, sock in view.sockets:
+            try:
+                inode = sockstats.socket_inode(sock)
+            except OSError:
+                continue  # closed under us (master shutting down)
+            if inode not in seen:
+                seen.add(inode)
+                picked.append((slot, name, sock, inode))
+
+        stats = sockstats.read_sockets([p[2] for p in picked])
+        totals: dict[tuple[int, str], list[int]] = {}
+        with self._drops_lock:
+            for (slot, name, _, inode), st in zip(picked, stats, strict=True):
+                if st is None:
+                    continue
+                dropped = self._drops.update((slot, name, inode), st.drops)
+                acc = totals.setdefault((slot, name), [0, 0, 0])
+                acc[0] += dropped
+                acc[1] += st.rx_queue_bytes
+                acc[2] += st.rcvbuf_bytes
+            self._drops.keep_only((slot, name, inode) for slot, name, _, inode in picked)
+
+        for (slot, name), (d, q, b) in sorted(totals.items()):
+            labels = (str(slot), name)
+            drops.add_metric(labels, d)
+            queue.add_metric(labels, q)
+            rcvbuf.add_metric(labels, b)
+        yield drops
+        yield queue
+        yield rcvbuf
+
+    def _workers(self, view: ExportView, slots: list[int]) -> Iterator[Metric]:
+        up = _gauge(
+            "shardudp_worker_up", "1 if the slot has a live worker that reported ready.", ("slot",)
+        )
+        restarts = _counter(
+            "shardudp_worker_restarts_total",
+            "Workers replaced, by why the previous one went away.",
+            ("slot", "reason"),
+        )
+        age = _gauge(
+            "shardudp_worker_last_report_age_seconds",
+            "Seconds since the slot's worker last sent metrics.",
+            ("slot",),
+        )
+        now = self._clock()
+        for slot in slots:
+            w = view.workers.get(slot)
+            label = str(slot)
+            up.add_metric((label,), 1 if w is not None and w.pid is not None and w.ready else 0)
+            for reason in RESTART_REASONS:
+                restarts.add_metric((label, reason), view.book.restarts.get((slot, reason), 0))
+            last = w.last_report_at if w is not None else None
+            if last is None:
+                last = view.book.last_report_at.get(slot)
+            if last is not None:
+                age.add_metric((label,), max(0.0, now - last))
+        yield up
+        yield restarts
+        yield age
+
+    def _processes(self, view: ExportView) -> Iterator[Metric]:
+        labels = ("role", "slot")
+        cpu = _counter("shardudp_process_cpu_seconds_total", "User and system CPU time.", labels)
+        rss = _gauge("shardudp_process_resident_memory_bytes", "Resident set size.", labels)
+        fds = _gauge("shardudp_process_open_fds", "Open file descriptors.", labels)
+        start = _gauge("shardudp_process_start_time_seconds", "Process start, Unix time.", labels)
+        procs: list[tuple[tuple[str, str], int, float | None]] = []
+        if view.master_pid is not None:
+            procs.append((("master", ""), view.master_pid, None))
+        for slot, w in sorted(view.workers.items()):
+            if w.pid is not None:
+                procs.append((("worker", str(slot)), w.pid, w.started_at))
+        for lab, pid, started_at in procs:
+            st = sockstats.read_process(pid)
+            if st is None:
+                if started_at is not None:
+                    start.add_metric(lab, started_at)
+                continue
+            cpu.add_metric(lab, st.cpu_seconds)
+            rss.add_metric(lab, st.resident_bytes)
+            if st.open_fds is not None:
+                fds.add_metric(lab, st.open_fds)
+            start.add_metric(lab, st.start_time)
+        yield cpu
+        yield rss
+        yield fds
+        yield start
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """The /metrics and /healthz endpoint; ``close()`` stops it and joins its thread."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        source: Callable[[], ExportView],
+        healthy: Callable[[], bool],
+        family: socket.AddressFamily,
+    ) -> None:
+        self.address_family = family
+        self.registry = registry
+        self.source = source
+        self.healthy = healthy
+        self.thread: threading.Thread | None = None
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host with getfqdn(), a DNS
+        # lookup that can stall startup on a machine without a resolver.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+    protocol_version = "HTTP/1.0"
+
+    # A slow or stuck client must not pin a thread forever.
+    timeout = 10.0
+
+    def do_GET(self) -> None:
+        self._respond(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(send_body=False)
+
+    def _respond(self, send_body: bool) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            try:
+                status, ctype, body = (
+                    200,
+                    CONTENT_TYPE_LATEST,
+                    generate_latest(self.server.registry),
+                )
+            except Exception:
+                log.exception("metrics scrape failed")
+                status, ctype, body = 500, "text/plain; charset=utf-8", b"scrape failed\n"
+        elif path == "/healthz":
+            status, body = self._health()
+            ctype = "text/plain; charset=utf-8"
+        else:
+            status, ctype = 404, "text/plain; charset=utf-8"
+            body = b"not found: try /metrics or /healthz\n"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def _health(self) -> tuple[int, bytes]:
+        try:
+            ok = self.server.healthy()
+            waiting = self.server.source().not_ready()
+        except Exception:
+            log.exception("health check failed")
+            return 503, b"health check failed\n"
+        if ok:
+            return 200, b"ok\n"
+        if waiting:
+            return 503, f"slots not ready: {', '.join(map(str, waiting))}\n".encode()
+        return 503, b"not ready\n"
+
+    def log_message(self, format: str, *args: object) -> None:
+        # Prometheus scrapes every few seconds; one stderr line each is noise.
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def _parse_host(host: str) -> tuple[str, socket.AddressFamily]:
+    bare = host.strip()
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = bare[1:-1]
+    if not bare:
+        raise StartupError("metrics host is empty; use e.g. 127.0.0.1 or [::1]")
+    return bare, socket.AF_INET6 if ":" in bare else socket.AF_INET
+
+
+def start_http(
+    host: str,
+    port: int,
+    source: Callable[[], ExportView],
+    healthy: Callable[[], bool],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[MetricsServer, int]:
+    """Serve /metrics and /healthz from a daemon thread; port 0 picks a free port.
+
+    Returns the server (call ``close()`` to stop) and the port actually bound.
+    Raises StartupError naming the address if it cannot listen.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise StartupError(f"metrics port must be an integer 0-65535, got {port!r}")
+    bare, family = _parse_host(host)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ShardCollector(source, clock))
+    shown = f"[{bare}]:{port}" if family == socket.AF_INET6 else f"{bare}:{port}"
+    try:
+        server = MetricsServer((bare, port), registry, source, healthy, family)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {shown}: {exc.strerror or exc}") from None
+    actual = int(server.server_address[1])
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.2},
+        name="shardudp-metrics",
+        daemon=True,
+    )
+    server.thread = thread
+    thread.start()
+    return server, actual

@@ -1,0 +1,373 @@
+"""The Prometheus endpoint: a real HTTP server on loopback, scraped and parsed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from shardudp import sockstats
+from shardudp.errors import StartupError
+from shardudp.exporter import ExportView, LatestView, ShardCollector, WorkerState, start_http
+from shardudp.metrics import MetricsBook
+from shardudp.sockstats import SocketStats
+from shardudp.stats import SAMPLE_EVERY, ListenerStats
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO / "deploy" / "grafana" / "shardudp.json"
+
+
+def _body(rx: int, durations_ns: tuple[int, ...] = (), errors: int = 0) -> dict[str, object]:
+    st = ListenerStats()
+    st.rx_datagrams, st.rx_bytes, st.tx_datagrams, st.tx_bytes = rx, rx * 10, rx, rx * 10
+    for ns in durations_ns:
+        st.observe_ns(ns)
+    for _ in range(errors):
+        st.count_error(KeyError())
+    return st.snapshot()
+
+
+@pytest.fixture
+def udp() -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def book() -> MetricsBook:
+    b = MetricsBook()
+    b.report(0, 1, 1, {"echo": _body(10, (3_000, 2_000_000), errors=2)}, now=100.0)
+    b.report(1, 2, 1, {"echo": _body(5)}, now=101.0)
+    b.restart(1, "signal")
+    return b
+
+
+@pytest.fixture
+def view(book: MetricsBook, udp: socket.socket) -> LatestView:
+    workers = {
+        0: WorkerState(pid=os.getpid(), ready=True),
+        1: WorkerState(pid=None, ready=False),
+    }
+    return LatestView(
+        ExportView(
+            book=book.snapshot(),
+            workers=MappingProxyType(workers),
+            sockets=((0, "echo", udp),),
+            master_pid=os.getpid(),
+        )
+    )
+
+
+class Health:
+    def __init__(self) -> None:
+        self.ok = True
+
+    def __call__(self) -> bool:
+        return self.ok
+
+
+@pytest.fixture
+def served(view: LatestView) -> Iterator[tuple[str, LatestView, Health]]:
+    health = Health()
+    server, port = start_http("127.0.0.1", 0, view, health, clock=lambda: 110.0)
+    try:
+        yield f"http://127.0.0.1:{port}", view, health
+    finally:
+        server.close()
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def scrape(base: str) -> dict[str, Metric]:
+    status, ctype, text = get(base + "/metrics")
+    assert status == 200
+    assert ctype.startswith("text/plain")
+    return {m.name: m for m in text_string_to_metric_families(text)}
+
+
+def values(fam: Metric, sample: str | None = None) -> dict[tuple[tuple[str, str], ...], float]:
+    name = sample or fam.name
+    return {tuple(sorted(s.labels.items())): s.value for s in fam.samples if s.name == name}
+
+
+def test_traffic_counters_and_labels(served: tuple[str, LatestView, Health]) -> None:
+    fams = scrape(served[0])
+    rx = fams["shardudp_datagrams_received"]
+    assert rx.type == "counter"
+    assert values(rx, "shardudp_datagrams_received_total") == {
+        (("listener", "echo"), ("slot", "0")): 10.0,
+        (("listener", "echo"), ("slot", "1")): 5.0,
+    }
+    assert (
+        values(fams["shardudp_bytes_sent"], "shardudp_bytes_sent_total")[
+            (("listener", "echo"), ("slot", "0"))
+        ]
+        == 100.0
+    )
+    errors = values(fams["shardudp_handler_errors"], "shardudp_handler_errors_total")
+    assert errors[(("error", "lookup"), ("listener", "echo"), ("slot", "0"))] == 2.0
+    assert errors[(("error", "value"), ("listener", "echo"), ("slot", "0"))] == 0.0
+    assert len(errors) == 2 * 5  # every kind of every series, zeros included
+
+
+def test_histogram_is_cumulative_with_sum_and_count(
+    served: tuple[str, LatestView, Health],
+) -> None:
+    hist = scrape(served[0])["shardudp_handler_duration_seconds"]
+    assert hist.type == "histogram"
+    assert "sampled" in hist.documentation and f"in {SAMPLE_EVERY}" in hist.documentation
+    slot0 = (("listener", "echo"), ("slot", "0"))
+    buckets = {
+        float(s.labels["le"]): s.value
+        for s in hist.samples
+        if s.name.endswith("_bucket") and s.labels["slot"] == "0"
+    }
+    # Samples of 3 us and 2 ms: the first is under every bound, the second from 2.5 ms on.
+    assert buckets[1e-05] == 1.0 and buckets[0.001] == 1.0
+    assert buckets[0.0025] == 2.0 and buckets[float("inf")] == 2.0
+    ordered = [v for _, v in sorted(buckets.items())]
+    assert ordered == sorted(ordered)
+    assert values(hist, "shardudp_handler_duration_seconds_count")[slot0] == 2.0
+    assert values(hist, "shardudp_handler_duration_seconds_sum")[slot0] == pytest.approx(0.002003)
+
+
+def test_workers_restarts_age_build_and_processes(served: tuple[str, LatestView, Health]) -> None:
+    fams = scrape(served[0])
+    assert values(fams["shardudp_worker_up"]) == {(("slot", "0"),): 1.0, (("slot", "1"),): 0.0}
+    restarts = values(fams["shardudp_worker_restarts"], "shardudp_worker_restarts_total")
+    assert restarts[(("reason", "signal"), ("slot", "1"))] == 1.0
+    assert restarts[(("reason", "boot"), ("slot", "0"))] == 0.0
+    assert len(restarts) == 2 * 5
+    # The fixture's clock says 110; the book saw reports at 100 and 101.
+    assert values(fams["shardudp_worker_last_report_age_seconds"]) == {
+        (("slot", "0"),): 10.0,
+        (("slot", "1"),): 9.0,
+    }
+    (build,) = fams["shardudp_build_info"].samples
+    assert build.value == 1.0
+    assert build.labels["twisted"] == metadata.version("twisted")
+    assert build.labels["python"] == ".".join(map(str, sys.version_info[:3]))
+
+    cpu = values(fams["shardudp_process_cpu_seconds"], "shardudp_process_cpu_seconds_total")
+    # The fixture names this test process as both master and worker 0; slot 1 has no pid.
+    assert set(cpu) == {(("role", "master"), ("slot", "")), (("role", "worker"), ("slot", "0"))}
+    fds = values(fams["shardudp_process_open_fds"])
+    assert fds[(("role", "master"), ("slot", ""))] >= 3
+    rss = values(fams["shardudp_process_resident_memory_bytes"])
+    assert rss[(("role", "master"), ("slot", ""))] > 1 << 20
+    started = values(fams["shardudp_process_start_time_seconds"])
+    assert 0 < started[(("role", "master"), ("slot", ""))] <= time.time()
+
+
+def test_labels_are_bounded(served: tuple[str, LatestView, Health]) -> None:
+    allowed = {"slot", "listener", "error", "reason", "role", "le", "version", "python", "twisted"}
+    for fam in scrape(served[0]).values():
+        assert fam.name.startswith("shardudp_"), fam.name
+        for s in fam.samples:
+            assert set(s.labels) <= allowed, (s.name, s.labels)
+
+
+def test_socket_stats_follow_the_kernel(
+    served: tuple[str, LatestView, Health], udp: socket.socket
+) -> None:
+    base = served[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for _ in range(3):
+            tx.sendto(b"ping", udp.getsockname())
+    key = (("listener", "echo"), ("slot", "0"))
+    expected = sockstats.read_meminfo(udp)
+    fams = scrape(base)
+    assert expected.rx_queue_bytes > 0
+    assert values(fams["shardudp_socket_receive_queue_bytes"])[key] == expected.rx_queue_bytes
+    assert values(fams["shardudp_socket_receive_buffer_bytes"])[key] == expected.rcvbuf_bytes
+    assert values(fams["shardudp_socket_drops"], "shardudp_socket_drops_total")[key] == 0.0
+    # Slot 1 holds no socket in this view, so it has no kernel series.
+    assert len(values(fams["shardudp_socket_receive_queue_bytes"])) == 1
+
+
+def test_view_swap_is_seen_by_the_next_scrape(
+    served: tuple[str, LatestView, Health], book: MetricsBook
+) -> None:
+    base, view, _ = served
+    book.report(0, 1, 2, {"echo": _body(50, (3_000, 2_000_000), errors=2)}, now=105.0)
+    book.retire(1, 2)
+    book.report(1, 3, 1, {"echo": _body(1)}, now=106.0)
+    view.view = dataclasses.replace(view.view, book=book.snapshot())
+    rx = values(scrape(base)["shardudp_datagrams_received"], "shardudp_datagrams_received_total")
+    assert rx[(("listener", "echo"), ("slot", "0"))] == 50.0
+    assert rx[(("listener", "echo"), ("slot", "1"))] == 6.0  # 5 retired + 1 new
+
+
+def test_healthz_and_unknown_paths(served: tuple[str, LatestView, Health]) -> None:
+    base, _, health = served
+    assert get(base + "/healthz")[::2] == (200, "ok\n")
+    health.ok = False
+    status, _, body = get(base + "/healthz")
+    assert status == 503
+    assert body == "slots not ready: 1\n"
+    status, _, body = get(base + "/nope")
+    assert status == 404 and "/metrics" in body
+    req = urllib.request.Request(base + "/metrics?x=1", method="HEAD")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200 and r.read() == b""
+
+
+def test_a_failing_source_gives_500_and_the_server_survives(view: LatestView) -> None:
+    calls = {"n": 0}
+
+    def flaky() -> ExportView:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return view.view
+
+    server, port = start_http("127.0.0.1", 0, flaky, lambda: True)
+    try:
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 500
+        assert "shardudp_worker_up" in scrape(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+
+
+def test_busy_port_and_bad_port_give_clear_errors() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}"):
+            start_http("127.0.0.1", port, LatestView(), lambda: True)
+    with pytest.raises(StartupError, match="0-65535"):
+        start_http("127.0.0.1", 70000, LatestView(), lambda: True)
+    with pytest.raises(StartupError, match="host is empty"):
+        start_http(" ", 0, LatestView(), lambda: True)
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        server, port = start_http("[::1]", 0, LatestView(), lambda: True)
+    except StartupError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        assert get(f"http://[::1]:{port}/healthz")[0] == 200
+        assert "shardudp_build_info" in scrape(f"http://[::1]:{port}")
+    finally:
+        server.close()
+
+
+def test_closed_socket_and_dead_pid_are_skipped(udp: socket.socket) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    udp.close()
+    view = ExportView(
+        workers=MappingProxyType({0: WorkerState(pid=dead.pid, ready=True, started_at=123.0)}),
+        sockets=((0, "echo", udp),),
+    )
+    fams = {m.name: m for m in ShardCollector(lambda: view).collect()}
+    assert fams["shardudp_socket_drops"].samples == []
+    assert fams["shardudp_process_cpu_seconds"].samples == []
+    # With /proc silent, the master's own spawn time still gives a start time.
+    assert values(fams["shardudp_process_start_time_seconds"]) == {
+        (("role", "worker"), ("slot", "0")): 123.0
+    }
+    # The listener still has (zero) traffic series from the start.
+    assert values(fams["shardudp_datagrams_received"], "shardudp_datagrams_received_total") == {
+        (("listener", "echo"), ("slot", "0")): 0.0
+    }
+
+
+def test_shared_socket_is_counted_once_and_drop_wrap_is_unwrapped(
+    udp: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = iter([2**32 - 10, 5])
+
+    def fake(socks: list[socket.socket]) -> list[SocketStats | None]:
+        assert len(socks) == 1  # the same socket listed for two slots is read once
+        return [SocketStats(drops=next(raw), rx_queue_bytes=0, rcvbuf_bytes=4608)]
+
+    monkeypatch.setattr(sockstats, "read_sockets", fake)
+    view = ExportView(sockets=((0, "mc", udp), (1, "mc", udp)))
+    collector = ShardCollector(lambda: view)
+
+    def drops() -> dict[tuple[tuple[str, str], ...], float]:
+        fams = {m.name: m for m in collector.collect()}
+        return values(fams["shardudp_socket_drops"], "shardudp_socket_drops_total")
+
+    assert drops() == {(("listener", "mc"), ("slot", "0")): 2**32 - 10}
+    assert drops() == {(("listener", "mc"), ("slot", "0")): 2**32 + 5}
+
+
+_NO_TWISTED = """
+import sys
+import shardudp.exporter, shardudp.metrics, shardudp.sockstats
+shardudp.exporter.build_info()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("twisted", "zope")))
+"""
+
+
+def test_exporter_never_imports_twisted() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TWISTED],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_dashboard_uses_only_exported_metric_names(
+    served: tuple[str, LatestView, Health],
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for e in exprs for name in re.findall(r"\bshardudp_[a-z_]+", e)}
+    exported: set[str] = set()
+    for fam in scrape(served[0]).values():
+        exported |= {s.name for s in fam.samples}
+    assert used, "the dashboard queries nothing"
+    assert used <= exported, sorted(used - exported)
+    # Every family the exporter offers appears somewhere on the dashboard.
+    families = {n.removesuffix("_total").removesuffix("_bucket") for n in used}
+    missing = {f for f in scrape(served[0]) if not any(n.startswith(f) for n in families)}
+    assert not missing, sorted(missing)
+
+
+def test_view_does_not_follow_the_masters_later_mutations(udp: socket.socket) -> None:
+    workers = {0: WorkerState(pid=None, ready=False)}
+    sockets = [(0, "echo", udp)]
+    view = ExportView(workers=workers, sockets=sockets)  # type: ignore[arg-type]
+    workers[1] = WorkerState(pid=None, ready=False)
+    sockets.clear()
+    assert list(view.workers) == [0] and len(view.sockets) == 1
+    assert view.not_ready() == [0]
