@@ -90,3 +90,17 @@ class Probe(DatagramProtocol):
             d.addCallback(lambda ip: self.transport.write(b"resolved " + ip.encode(), addr))
         else:
             self.transport.write(b"%d:" % os.getpid() + data, addr)
+
+
+class SlowStart(DatagramProtocol):
+    """Echo whose startProtocol waits while $SLOW_START_FILE exists (bounded)."""
+
+    def startProtocol(self):
+        path = os.environ.get("SLOW_START_FILE", "")
+        for _ in range(200):
+            if not path or not os.path.exists(path):
+                return
+            time.sleep(0.05)  # the app is slow to start; this is its behaviour
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"%d:" % os.getpid() + data, addr)
