@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, config
+from . import __version__, config, control
 from .errors import ConfigError, ExitCode, StartupError
 
 log = logging.getLogger("shardudp")
@@ -51,10 +51,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("settings", help="print every setting as a markdown table")
 
+    ctl = sub.add_parser("ctl", help="send a command to a running server's control socket")
+    _add_control_args(ctl)
+    ctl.add_argument("cmd", choices=sorted(control.COMMANDS), metavar="COMMAND",
+                     help="one of: " + ", ".join(control.COMMANDS))
+    ctl.add_argument("n", nargs="?", type=int, help="for scale: the number of workers")
+
+    status = sub.add_parser("status", help="print the running server's slots as a table")
+    _add_control_args(status)
+
     health = sub.add_parser("health", help="exit 0 iff the server's /healthz answers 200")
     health.add_argument("--metrics", required=True, metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     return p
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket (default: $SHARDUDP_CONTROL, else the server's default)")
+    p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    setting = args.control or os.environ.get("SHARDUDP_CONTROL") or "auto"
+    path = control.resolve_path(setting)
+    if path is None:
+        raise ConfigError("--control: 'none' disables the control socket; nothing to talk to")
+    return path
+
+
+def _fmt(v: object, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def format_status(st: dict[str, object]) -> str:
+    rows = [("SLOT", "PID", "STATE", "AGE", "RECEIVED", "SENT", "RATE/s", "DROPS", "HEARTBEAT")]
+    for sl in st["slots"]:  # type: ignore[attr-defined]
+        rows.append((str(sl["slot"]), _fmt(sl["pid"]), sl["state"] + (" (retiring)"
+                     if sl["retiring"] else ""), _fmt(sl["age"], "s"), _fmt(sl["rx"]),
+                     _fmt(sl["tx"]), _fmt(sl["rx_rate"]), _fmt(sl["drops"]),
+                     _fmt(sl["heartbeat_age"], "s ago")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    head = (f"master pid {st['master_pid']}, up {_fmt(st['uptime'], 's')}, "
+            f"{st['workers']} workers, {'healthy' if st['healthy'] else 'NOT READY'}")
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    return head + "\n" + "\n".join(lines)
+
+
+def cmd_ctl(args: argparse.Namespace, cmd: str) -> int:
+    request: dict[str, object] = {"cmd": cmd}
+    if cmd == "scale":
+        if args.n is None:
+            raise ConfigError("ctl scale: give the number of workers, e.g. `ctl scale 3`")
+        request["n"] = args.n
+    elif getattr(args, "n", None) is not None:
+        raise ConfigError(f"ctl {cmd}: takes no argument")
+    path = _control_path(args)
+    try:
+        result = control.call(path, request)
+    except control.ControlError as exc:
+        print(f"shardudp: error: {exc}", file=sys.stderr)
+        return ExitCode.ERROR
+    except OSError as exc:
+        print(f"shardudp: error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.ERROR
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif cmd == "status":
+        print(format_status(result))
+    else:
+        print(result if isinstance(result, str) else json.dumps(result))
+    return ExitCode.OK
 
 
 def usable_cpus() -> int:
@@ -93,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
     from .server import Server
 
-    logs.setup_master(cfg.log_level)
+    logs.setup_master(cfg.log_level, cfg.log_file)
     server = Server(cfg)
     code = server.run()
     if code != ExitCode.OK and server.exit_reason:
@@ -142,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ExitCode.OK
         if args.command == "health":
             return cmd_health(args)
+        if args.command == "ctl":
+            return cmd_ctl(args, args.cmd)
+        if args.command == "status":
+            return cmd_ctl(args, "status")
     except ConfigError as exc:
         _print_errors(exc)
         return ExitCode.USAGE

@@ -165,6 +165,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "auto|c|python|twisted"),
     Setting("log_level", "server", _choice("debug", "info", "warning", "error"), "info",
             "Log level of the master and the workers.", "LEVEL"),
+    Setting("log_file", "server", _str, None,
+            "Append logs to this file instead of stderr (reopened by `ctl reopen-logs`).",
+            "PATH"),
+    Setting("control", "server", _str, "auto",
+            "Control socket path; 'auto' is under the runtime dir, 'none' disables it.",
+            "PATH|auto|none"),
+    Setting("user", "server", _str, None,
+            "Run workers as this user (the master binds first, as root).", "USER"),
+    Setting("group", "server", _str, None,
+            "Run workers with this group (default: the user's primary group).", "GROUP"),
+    Setting("pid_file", "server", _str, None,
+            "Write the master's pid here; refuse to start over a live one.", "PATH"),
     Setting("app", "listener", _app, None,
             "The protocol: MODULE:ATTR naming a DatagramProtocol subclass or a factory.",
             "MODULE:ATTR"),
@@ -221,6 +233,11 @@ class ServerConfig:
     metrics_interval: float
     datapath: str
     log_level: str
+    log_file: str | None
+    control: str
+    user: str | None
+    group: str | None
+    pid_file: str | None
     listeners: tuple[Listener, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,6 +367,11 @@ def build(
         metrics_interval=merged["metrics_interval"],
         datapath=merged["datapath"],
         log_level=merged["log_level"],
+        log_file=merged["log_file"],
+        control=merged["control"],
+        user=merged["user"],
+        group=merged["group"],
+        pid_file=merged["pid_file"],
         listeners=tuple(listeners),
     )
 

@@ -69,15 +69,17 @@ def _plain(record: logging.LogRecord) -> logging.LogRecord:
 _handler: _RoutedHandler | None = None
 
 
-def setup_master(level: str) -> None:
-    """Install the stderr handler behind the cross-process queue (idempotent)."""
+def setup_master(level: str, log_file: str | None = None) -> None:
+    """Install the output handler behind the cross-process queue (idempotent)."""
     global _handler
     logging.setLogRecordFactory(_record_factory)
     root = logging.getLogger()
     root.setLevel(level.upper())
     if _handler is not None:
         return
-    stream = logging.StreamHandler(sys.stderr)
+    stream: logging.Handler
+    stream = logging.StreamHandler(sys.stderr) if log_file is None else \
+        logging.FileHandler(log_file, delay=False)
     stream.setFormatter(logging.Formatter(FORMAT))
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -105,3 +107,18 @@ def flush_worker() -> None:
         q = _handler.queue
         q.close()
         q.join_thread()
+
+
+def reopen() -> bool:
+    """Reopen the log file (after logrotate moved it); False when logging to stderr."""
+    if _handler is None or not isinstance(_handler.sub_handler, logging.FileHandler):
+        return False
+    fh = _handler.sub_handler
+    fh.acquire()
+    try:
+        if fh.stream is not None:
+            fh.stream.close()
+        fh.stream = fh._open()
+    finally:
+        fh.release()
+    return True

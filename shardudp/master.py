@@ -54,6 +54,7 @@ class Master:
         self.exit_reason = ""
         self.pid = os.getpid()
         self.hooks: list[Callable[[Action], None]] = []
+        self.run_as: tuple[int, int] | None = None
         self.sup: supervision.Supervisor | None = None
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -70,6 +71,7 @@ class Master:
             self.sockets.open_slot(slot)
 
     def run(self) -> ExitCode:
+        self.preflight()
         try:
             self.open_sockets()
         except StartupError:
@@ -95,6 +97,9 @@ class Master:
         return self.exit_code
 
     # Extension points for what hangs off the master (see server.py).
+
+    def preflight(self) -> None:
+        """Checks before anything is bound; raise StartupError to refuse."""
 
     def before_spawn(self) -> None:
         """Sockets are bound, no worker exists yet."""
@@ -123,13 +128,15 @@ class Master:
         now = self.clock()
         deadline = self.sup.next_deadline()
         timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-        for key, _ in self.selector.select(timeout):
+        for key, mask in self.selector.select(timeout):
             if key.data is None:
                 with contextlib.suppress(BlockingIOError):
                     while self._wake_r.recv(4096):
                         pass
-            else:
+            elif isinstance(key.data, Child):
                 self._read_child(key.data)
+            else:
+                key.data(mask)  # an attached service (the control socket)
         while self.signals:
             self._dispatch_signal(self.signals.popleft())
         self._reap()
@@ -161,6 +168,9 @@ class Master:
 
     def handle_chld(self) -> None:
         self._reap()
+
+    def shutdown(self, why: str) -> None:
+        self._shutdown(why)
 
     def _shutdown(self, why: str) -> None:
         assert self.sup is not None
@@ -307,6 +317,7 @@ class Master:
             self.sockets.detach_slot(a.slot)
         elif isinstance(a, supervision.CloseSlot):
             self.sockets.close_slot(a.slot)
+            log.info("slot %d drained and closed", a.slot)
         elif isinstance(a, supervision.Lead):
             single = [lst.name for lst in self.cfg.listeners
                       if lst.multicast and lst.multicast_mode == "single"]
@@ -359,9 +370,12 @@ class Master:
                 read_fd=read_fd, write_fd=write_fd, sockets=own,
                 datapath=self.cfg.datapath, metrics_interval=self.cfg.metrics_interval,
                 heartbeat_interval=min(1.0, self.cfg.timeout / 4),
-                graceful_timeout=self.cfg.graceful_timeout)
+                graceful_timeout=self.cfg.graceful_timeout, run_as=self.run_as)
             code = worker.run(spec)
-        except BaseException:
+        except BaseException as exc:
+            # Logging itself may be what broke: say it on stderr as well.
+            with contextlib.suppress(Exception):
+                os.write(2, f"shardudp: worker slot={slot} crashed: {exc!r}\n".encode())
             log.exception("worker slot=%d crashed", slot)
         finally:
             for stream in (sys.stdout, sys.stderr):

@@ -287,6 +287,11 @@ class Supervisor:
             return out + self._maybe_exit()
 
         boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
+        if not self._ever_ready and w.state is WState.BOOTING and w.stop_reason is None:
+            # Before the server ever served, any death during boot is a bad APP
+            # or environment: halt with a distinct code instead of looping.
+            return out + self.shutdown(ExitCode.BOOT, w.boot_error or
+                                       f"worker slot={w.slot} {text} during boot", now)
         if boot and w.state is WState.BOOTING:
             cause = w.boot_error or "worker exited during boot"
             if not self._ever_ready:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterator
 from typing import Any, ClassVar, Final
 
 import msgpack
@@ -133,10 +132,7 @@ def _check_field(tag: str, name: str, type_name: str, value: object) -> None:
 
 
 def _parse_untrusted_payload(payload: bytes) -> Message:
-    try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(f"undecodable msgpack frame: {exc}") from None
+    obj = unpack_untrusted(payload)
     if not (isinstance(obj, list) and len(obj) == 3):
         raise WireError("frame is not a [version, tag, body] array")
     version, tag, body = obj
@@ -162,8 +158,23 @@ def _parse_untrusted_payload(payload: bytes) -> Message:
     return cls(**kwargs)
 
 
-class Decoder:
-    """Incremental frame decoder: feed bytes as they come, get messages.
+def encode_obj(obj: object, max_frame: int = MAX_FRAME) -> bytes:
+    """One frame holding any msgpack-able ``obj`` (the control socket's payloads)."""
+    payload: bytes = msgpack.packb(obj, use_bin_type=True)
+    if len(payload) > max_frame:
+        raise ValueError(f"payload is {len(payload)} bytes, over {max_frame}")
+    return _HEADER.pack(len(payload)) + payload
+
+
+def unpack_untrusted(payload: bytes) -> object:
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"undecodable msgpack frame: {exc}") from None
+
+
+class FrameSplitter:
+    """Cut a byte stream into length-prefixed payloads.
 
     After a ``WireError`` the stream is unusable (framing is lost): the
     caller must drop the peer.
@@ -174,30 +185,49 @@ class Decoder:
         self._max = max_frame
         self._broken: str | None = None
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes) -> list[bytes]:
         if self._broken is not None:
             raise WireError(f"stream already broken: {self._broken}")
         self._buf += data
-        try:
-            return list(self._frames())
-        except WireError as exc:
-            self._broken = str(exc)
-            raise
-
-    def _frames(self) -> Iterator[Message]:
+        out: list[bytes] = []
         buf = self._buf
         while len(buf) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buf)
             if size > self._max:
-                raise WireError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+                self._broken = f"frame of {size} bytes exceeds the {self._max}-byte limit"
+                raise WireError(self._broken)
             end = _HEADER.size + size
             if len(buf) < end:
-                return
-            payload = bytes(buf[_HEADER.size : end])
+                break
+            out.append(bytes(buf[_HEADER.size : end]))
             del buf[:end]
-            yield _parse_untrusted_payload(payload)
+        return out
+
+    def fail(self, reason: str) -> None:
+        self._broken = reason
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
+
+
+class Decoder:
+    """Incremental decoder of worker/master messages: feed bytes, get messages."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._frames = FrameSplitter(max_frame)
+
+    def feed(self, data: bytes) -> list[Message]:
+        out = []
+        for payload in self._frames.feed(data):
+            try:
+                out.append(_parse_untrusted_payload(payload))
+            except WireError as exc:
+                self._frames.fail(str(exc))
+                raise
+        return out
+
+    @property
+    def pending(self) -> int:
+        return self._frames.pending

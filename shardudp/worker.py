@@ -47,6 +47,8 @@ class WorkerSpec:
     metrics_interval: float
     heartbeat_interval: float
     graceful_timeout: float
+    #: (uid, gid) to drop to after fork, or None to keep the master's.
+    run_as: tuple[int, int] | None = None
 
 
 class AppError(Exception):
@@ -97,7 +99,10 @@ def _close_foreign_fds(keep: set[int]) -> None:
 
 
 def _die_with_master(master_pid: int) -> None:
-    """SIGTERM us when the master dies, even by kill -9."""
+    """SIGTERM us when the master dies, even by kill -9.
+
+    Called after dropping privileges: a credential change clears the setting.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -287,21 +292,31 @@ def run(spec: WorkerSpec) -> int:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    _die_with_master(spec.master_pid)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     _ignore_group_signals()
     keep = {0, 1, 2, spec.read_fd, spec.write_fd} | logs.worker_fds()
     keep |= {ss.sock.fileno() for ss in spec.sockets}
+    # Before dropping privileges: after setuid /proc/self/fd is not ours to list.
     _close_foreign_fds(keep)
     os.set_blocking(spec.read_fd, False)
 
+    # Our own code (the reactor, Twisted) loads with the master's rights; the
+    # APP, which is user code, only after dropping them.
+    from twisted.internet import task  # noqa: F401
+    from twisted.internet.protocol import DatagramProtocol  # noqa: F401
     from twisted.logger import STDLibLogObserver, globalLogBeginner
 
     from . import reactor as shard_reactor
 
     reactor: Any = shard_reactor.install(spec.datapath)
+    if spec.run_as is not None:
+        uid, gid = spec.run_as
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+    _die_with_master(spec.master_pid)
     globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
     worker = Worker(spec, reactor)
     worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))

@@ -104,3 +104,10 @@ class SlowStart(DatagramProtocol):
 
     def datagramReceived(self, data, addr):
         self.transport.write(b"%d:" % os.getpid() + data, addr)
+
+
+class Upper(DatagramProtocol):
+    """A second, distinguishable APP: answers in upper case."""
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(data.upper(), addr)

@@ -7,6 +7,7 @@ a deadline, never a bare sleep.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import select
@@ -24,6 +25,7 @@ TESTS = Path(__file__).resolve().parent
 
 #: Every server a test started, by session id, for the leak check.
 STARTED_SESSIONS: set[int] = set()
+_COUNTER = itertools.count()
 
 
 def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
@@ -70,6 +72,9 @@ class Server:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
         full_env.pop("NOTIFY_SOCKET", None)
+        # Each server its own control socket: tests and benches may overlap.
+        self.control = f"/tmp/shardudp-test-{os.getpid()}-{next(_COUNTER)}.sock"
+        full_env["SHARDUDP_CONTROL"] = self.control
         full_env.update(env or {})
         self.args = list(args)
         self.proc = subprocess.Popen(
@@ -261,3 +266,9 @@ class Flows:
             if len(replies) >= total:
                 break
         return total, replies
+
+
+def ctl(srv: Server, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SHARDUDP_CONTROL=srv.control)
+    return subprocess.run([sys.executable, "-m", "shardudp", "ctl", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)

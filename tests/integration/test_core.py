@@ -238,6 +238,7 @@ def test_ttin_and_ttou_add_and_remove_a_worker() -> None:
         mark = srv.mark()
         srv.signal(signal.SIGTTOU)
         srv.wait_line("scaling down from 3 to 2", start=mark)
+        srv.wait_line("slot 2 drained and closed", start=mark)
         with Flows(60, port) as flows:
             for i in range(60):
                 flows.send(i, b"q")
