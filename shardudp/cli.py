@@ -136,7 +136,8 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> config.ServerConfig:
+def load_config(args: argparse.Namespace,
+                environ: dict[str, str] | None = None) -> config.ServerConfig:
     file_text = None
     if args.config:
         try:

@@ -408,11 +408,11 @@ def _make_listener(
         app=v["app"] or "",
         address=addr,
         multicast=has_mcast,
-        multicast_mode=v["multicast_mode"] if has_mcast else "fanout",
+        multicast_mode=str(v["multicast_mode"]) if has_mcast else "fanout",
         multicast_interface=v["multicast_interface"] if has_mcast else None,
         rcvbuf=v["rcvbuf"],
         sndbuf=v["sndbuf"],
-        max_packet_size=v["max_packet_size"],
+        max_packet_size=int(v["max_packet_size"] or 65535),
     )
 
 

@@ -57,12 +57,12 @@ def _plain(record: logging.LogRecord) -> logging.LogRecord:
     import lock held across the next fork.
     """
     d = {k: getattr(record, k, None) for k in _KEEP}
-    d["msg"] = record.getMessage()
-    d["args"] = None
+    msg = record.getMessage()
     if record.exc_info:
-        d["msg"] += "\n" + logging.Formatter().formatException(record.exc_info)
+        msg += "\n" + logging.Formatter().formatException(record.exc_info)
     elif record.exc_text:
-        d["msg"] += "\n" + record.exc_text
+        msg += "\n" + record.exc_text
+    d["msg"], d["args"] = msg, None
     return logging.makeLogRecord(d)
 
 

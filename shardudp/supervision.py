@@ -98,7 +98,8 @@ class Exit:
     reason: str
 
 
-Action = Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady | Retired | Log | Exit
+Action = (Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady | Retired
+          | Log | Exit)
 
 
 # -- state ---------------------------------------------------------------------

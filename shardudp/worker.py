@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import logs, wire
-from .errors import ExitCode
+from .errors import ExitCode, WireError
 from .socketset import SlotSocket
 from .stats import ListenerStats
 
@@ -183,7 +183,7 @@ class Worker:
             return
         try:
             messages = self.decoder.feed(data)
-        except wire.WireError as exc:
+        except WireError as exc:
             log.error("bad frame from the master (%s); stopping", exc)
             self.reactor.removeReader(self)
             self.stop(self.spec.graceful_timeout, drain=False)
@@ -210,8 +210,8 @@ class Worker:
             if stats is not None:
                 self.stats[name] = stats
             proto = factories[name]()
-            port = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
-                             max_packet_size=ss.listener.max_packet_size)
+            port: Any = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
+                                  max_packet_size=ss.listener.max_packet_size)
             port.startListening()
             if ss.kind == "single":
                 port.stopReading()  # standby until the master names us leader
@@ -317,7 +317,8 @@ def run(spec: WorkerSpec) -> int:
         os.setgid(gid)
         os.setuid(uid)
     _die_with_master(spec.master_pid)
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+    observer: Any = STDLibLogObserver()
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     worker = Worker(spec, reactor)
     worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))
 

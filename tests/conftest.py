@@ -1,4 +1,5 @@
 from __future__ import annotations
+
 import sys
 from pathlib import Path
 
@@ -9,7 +10,6 @@ import os
 import signal
 
 import pytest
-
 from harness import STARTED_SESSIONS, session_pids
 
 

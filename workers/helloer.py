@@ -18,7 +18,7 @@ class Helloer(DatagramProtocol):
         host = os.environ.get("HELLOER_HOST", "127.0.0.1")
         port = int(os.environ.get("HELLOER_PORT", "1234"))
         self.transport.connect(host, port)
-        print("now we can only send to host %s port %d" % (host, port), flush=True)
+        print(f"now we can only send to host {host} port {port}", flush=True)
         self.transport.write(b"hello")  # no need for address
 
     def datagramReceived(self, data, addr):

@@ -13,6 +13,8 @@ import time
 import pytest
 from harness import ROOT, Flows, Server, free_port, serving, wait_pid_gone
 
+from shardudp.sockets import shard_of
+
 GROUP = "239.255.42.99"
 
 
@@ -107,6 +109,12 @@ def test_single_and_shard_handle_each_datagram_exactly_once(mode: str,
         by_worker = collections.Counter(pid for pid, _ in got)
         if mode == "shard":
             assert set(by_worker) == pids, by_worker  # every worker takes part
+            # The kernel's BPF filter keeps exactly the shard we compute.
+            slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
+            port_of = {b"s-%04d" % i: senders.socks[i % 30].getsockname()[1]
+                       for i in range(300)}
+            for pid, payload in got:
+                assert shard_of("127.0.0.1", port_of[payload], 3) == slot_of[pid]
         else:
             assert len(by_worker) == 1
     finally:
@@ -141,8 +149,8 @@ def test_seed_ping_client_and_server_through_a_sharded_server() -> None:
     try:
         # Two clients (one per client worker), each ping handled once, each
         # answered by a unicast pong.
-        client.wait_line(r"Datagram b'Server: Pong' received from \('127\.0\.0\.1', %d\)"
-                         % port, count=2)
+        client.wait_line(rf"Datagram b'Server: Pong' received from \('127\.0\.0\.1', {port}\)",
+                         count=2)
         srv.wait_line(r"Datagram b'Client: Ping' received from", count=2)
         time.sleep(0.2)  # not synchronisation: a window in which a duplicate would show
         assert srv.log.count("Client: Ping") == 2
@@ -212,7 +220,7 @@ def test_helloer_connection_refused_then_echo(how: str) -> None:
     try:
         sources = up.echo(2, timeout=15)
         assert len(sources) == 2  # one connected socket per worker
-        srv.wait_line(r"received b'hello' from 127\.0\.0\.1:%d" % up.port, count=2)
+        srv.wait_line(rf"received b'hello' from 127\.0\.0\.1:{up.port}", count=2)
     finally:
         srv.stop()
         up.sock.close()
