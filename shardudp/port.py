@@ -1,0 +1,648 @@
+"""The worker's UDP data path: Twisted-compatible ports over adopted sockets.
+
+Every class here is a ``twisted.internet.udp.MulticastPort``, so protocols see
+the transport they expect. What they add over stock Twisted:
+
+* ``adopt()`` takes a socket the master created, bound and keeps, and dups it.
+* Guards for shared (``SO_REUSEPORT``) sockets: ``connect()`` refuses, because
+  on Linux a connected socket silently leaves its reuseport group; joining a
+  group the master already joined counts as success.
+* ``MSG_DONTWAIT`` on every read and write: ``O_NONBLOCK`` lives on the open
+  file description shared with the master and every past worker, so anyone
+  could have set blocking mode.
+* A handler exception is counted and logged (rate-limited), never fatal.
+* Optional per-listener counters (``shardudp.stats.ListenerStats``).
+
+Three data paths, picked with ``port_class()``:
+
+* ``python``: a tight read loop and a write path that validates each distinct
+  address once instead of three times per datagram.
+* ``c``: ``recvmmsg``/``sendmmsg`` batches through ``shardudp._batchio``;
+  writes made while a batch is delivered go out in one ``sendmmsg``.
+* ``twisted``: stock Twisted's read and write algorithms with only the guards
+  and counters added, as the baseline for A/B benchmarks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, Self
+
+from twisted.internet import abstract, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableDescriptor
+from twisted.internet.udp import MulticastPort
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shardudp.stats import SAMPLE_EVERY, ListenerStats
+
+try:
+    from shardudp import _batchio  # type: ignore[attr-defined, unused-ignore]
+except ImportError as _exc:  # no compiler at install time, or not Linux
+    _batchio = None
+    _BATCHIO_MISSING = f"shardudp._batchio could not be imported ({_exc})"
+else:
+    _BATCHIO_MISSING = ""
+
+HAVE_C_BATCHIO: Final = _batchio is not None
+
+__all__ = [
+    "HAVE_C_BATCHIO",
+    "CShardPort",
+    "PythonShardPort",
+    "ShardPort",
+    "ShardedSocketError",
+    "TwistedShardPort",
+    "port_class",
+]
+
+logger = logging.getLogger("shardudp.port")
+
+# Twisted leaves these untyped; calling them through Any keeps --strict quiet
+# without sprinkling ignores over the data path.
+_InvalidAddressError: Any = error.InvalidAddressError
+_MessageLengthError: Any = error.MessageLengthError
+_StockPort: Any = MulticastPort
+
+_MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+_SAMPLE_MASK: Final = SAMPLE_EVERY - 1
+# Send failures that UDP semantics turn into a silent drop: the datagram is
+# lost, the handler goes on.
+_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+DEFAULT_MAX_PACKET_SIZE: Final = 65535
+
+
+class ShardedSocketError(RuntimeError):
+    """An operation that would take a shared socket out of its reuseport group."""
+
+
+class _ErrorLog:
+    """Log the first failure with its traceback, then one summary per interval.
+
+    A handler that fails on every datagram would otherwise write a traceback
+    per datagram: at 300k pps that is the disk, not the service, that dies.
+    """
+
+    __slots__ = ("_clock", "_interval", "_last_exc", "_next", "_seen", "_suppressed", "_what")
+
+    def __init__(
+        self, what: str, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._what = what
+        self._interval = interval
+        self._clock = clock
+        self._seen = False
+        self._suppressed = 0
+        self._next = 0.0
+        self._last_exc: BaseException | None = None
+
+    def report(self, exc: BaseException) -> None:
+        now = self._clock()
+        if not self._seen:
+            self._seen = True
+            self._next = now + self._interval
+            logger.error(
+                "%s: %s: %s (further ones are summarised at most once every %gs)",
+                self._what,
+                type(exc).__name__,
+                exc,
+                self._interval,
+                exc_info=exc,
+            )
+            return
+        self._suppressed += 1
+        self._last_exc = exc
+        if now >= self._next:
+            self._next = now + self._interval
+            self.flush()
+
+    def flush(self) -> None:
+        if self._suppressed:
+            exc = self._last_exc
+            logger.error(
+                "%s: %d more since the last report; latest %s: %s",
+                self._what,
+                self._suppressed,
+                type(exc).__name__,
+                exc,
+            )
+            self._suppressed = 0
+            self._last_exc = None
+
+
+def _stock_address_error(host: object, family: int) -> str | None:
+    """Why stock Twisted's ``write()`` would refuse ``host``, or None if it would not."""
+    if not isinstance(host, str | bytes):
+        return "write() only accepts IP addresses as str"
+    h: Any = host
+    is4 = abstract.isIPAddress(h)
+    is6 = abstract.isIPv6Address(h)
+    if not is4 and not is6 and host != "<broadcast>":
+        return "write() only accepts IP addresses, not hostnames"
+    if (is4 or host == "<broadcast>") and family == socket.AF_INET6:
+        return "IPv6 port write() called with IPv4 or broadcast address"
+    if is6 and family == socket.AF_INET:
+        return "IPv4 port write() called with IPv6 address"
+    return None
+
+
+@implementer(IHalfCloseableDescriptor)
+class ShardPort(MulticastPort):
+    """The shared part of every data path; use ``port_class()`` to get a concrete one."""
+
+    datapath: ClassVar[str] = ""
+    # One doRead delivers at most this many datagrams and about maxThroughput
+    # bytes, then yields, so timers and other sockets run under a flood.
+    maxDatagramsPerRead: ClassVar[int] = 256
+    maxThroughput = 256 * 1024
+    # Distinct destination hosts remembered as valid; cleared when full, so a
+    # scan of many clients costs a revalidation, never unbounded memory.
+    addressCacheSize: ClassVar[int] = 4096
+
+    _stats: ListenerStats | None
+    _shared: bool
+    _errors: _ErrorLog
+    _send_errors: _ErrorLog
+    _good_hosts: dict[object, None]
+    _sock: socket.socket
+
+    @classmethod
+    def adopt(
+        cls,
+        sock: socket.socket,
+        protocol: Any,
+        reactor: Any,
+        stats: ListenerStats | None = None,
+        shared: bool = True,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+    ) -> Self:
+        """Wrap a dup of ``sock`` (created and bound elsewhere) for ``protocol``.
+
+        The caller keeps its own ``sock``; closing the port closes only the dup.
+        """
+        family = _check_adoptable(sock)
+        if isinstance(max_packet_size, bool) or not isinstance(max_packet_size, int):
+            raise TypeError(f"max_packet_size must be an int, not {type(max_packet_size).__name__}")
+        if not 1 <= max_packet_size <= DEFAULT_MAX_PACKET_SIZE:
+            raise ValueError(f"max_packet_size must be 1..65535, got {max_packet_size}")
+        if stats is not None and not isinstance(stats, ListenerStats):
+            raise TypeError(f"stats must be a ListenerStats or None, not {type(stats).__name__}")
+        dup = sock.dup()
+        try:
+            # The shared file description may have been left blocking by anyone.
+            dup.setblocking(False)
+            interface = dup.getsockname()[0]
+            make: Any = cls
+            self: Self = make(
+                None, protocol, interface=interface, maxPacketSize=max_packet_size, reactor=reactor
+            )
+        except BaseException:
+            dup.close()
+            raise
+        self.addressFamily = family
+        self._preexistingSocket = dup  # type: ignore[assignment]
+        self._sock = dup
+        self._stats = stats
+        self._shared = bool(shared)
+        self._good_hosts = {}
+        name = f"{type(protocol).__name__} on {interface}:{dup.getsockname()[1]}"
+        self._errors = _ErrorLog(f"datagramReceived of {name} raised")
+        self._send_errors = _ErrorLog(f"send from {name} failed")
+        self._adopted()
+        return self
+
+    def _adopted(self) -> None:
+        """Hook for subclasses, run at the end of adopt()."""
+
+    @property
+    def shared(self) -> bool:
+        return self._shared
+
+    @property
+    def stats(self) -> ListenerStats | None:
+        return self._stats
+
+    # -- reading -----------------------------------------------------------
+
+    def doRead(self) -> None:
+        self._read(self.maxDatagramsPerRead, self.maxThroughput)
+
+    def drain(self, max_datagrams: int) -> int:
+        """Read and deliver until the socket is empty or ``max_datagrams``; return the count.
+
+        Works while reading is stopped (a standby listener). The C path also
+        stops at a short recvmmsg batch, i.e. when the queue was empty then.
+        """
+        if max_datagrams <= 0 or not self.connected:
+            return 0
+        return self._read(max_datagrams, 1 << 62)
+
+    def _read(self, max_count: int, max_bytes: int) -> int:
+        raise NotImplementedError
+
+    def _handler_failed(self, exc: BaseException) -> None:
+        stats = self._stats
+        if stats is not None:
+            stats.count_error(exc)
+        self._errors.report(exc)
+
+    def _refused(self) -> None:
+        """ECONNREFUSED on a connected socket: tell the protocol, as Twisted does."""
+        try:
+            self.protocol.connectionRefused()
+        except BaseException as exc:
+            self._handler_failed(exc)
+
+    def readConnectionLost(self, reason: Any) -> None:
+        """epoll said EPOLLERR without EPOLLIN: usually a pending socket error.
+
+        On a connected UDP socket an ICMP port-unreachable sets the socket
+        error, which epoll reports as EPOLLERR alone; the reactor takes that
+        for a closed descriptor and, for stock Twisted, closes the port. Here
+        it becomes connectionRefused() and the port keeps reading. Only a
+        descriptor with no error to report (a real shutdown) is closed.
+        """
+        sock = self._sock
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reading clears it
+            queued = _drain_error_queue(sock)
+        except OSError:
+            err, queued = errno.EBADF, 0
+        if err == errno.ECONNREFUSED:
+            if self._connectedAddr:
+                self._refused()
+        elif err and err != errno.EBADF:
+            self._send_errors.report(OSError(err, os.strerror(err)))
+        if (err and err != errno.EBADF) or queued:
+            if self.connected and not self.disconnecting:
+                _StockPort.startReading(self)
+            return
+        self.connectionLost(reason)
+
+    # -- writing -----------------------------------------------------------
+
+    def _check_host(self, host: object) -> None:
+        """Raise what stock Twisted raises for a bad destination; remember good ones."""
+        reason = _stock_address_error(host, self.addressFamily)
+        if reason is not None:
+            raise _InvalidAddressError(host, reason)
+        cache = self._good_hosts
+        if len(cache) >= self.addressCacheSize:
+            cache.clear()
+        cache[host] = None
+
+    def _check_connected_addr(self, addr: object) -> None:
+        if addr is not None and addr != self._connectedAddr:
+            raise _InvalidAddressError(
+                addr, f"port is connected to {self._connectedAddr}; write() takes no other address"
+            )
+
+    def _send_failed(self, exc: OSError, datagram: bytes, addr: Any) -> None:
+        """Map a send error the way stock Twisted does, but drop on a full buffer."""
+        stats = self._stats
+        if stats is not None:
+            stats.tx_errors += 1
+        no = exc.errno
+        if no in _DROP_ERRNOS:
+            return
+        if no == errno.EMSGSIZE:
+            raise _MessageLengthError("message too long") from exc
+        if no == errno.ECONNREFUSED:
+            # Unconnected sockets get this only for an earlier datagram; stock
+            # Twisted ignores it there too.
+            if self._connectedAddr:
+                self._refused()
+            return
+        raise exc
+
+    def write(self, datagram: bytes, addr: Any = None) -> None:
+        if self._connectedAddr:
+            self._send_connected(datagram, addr)
+            return
+        if addr is None:
+            raise _InvalidAddressError(None, "write() on an unconnected port needs addr")
+        if addr[0] not in self._good_hosts:
+            self._check_host(addr[0])
+        # _sendto inlined: this is the per-reply hot path.
+        try:
+            self._sock.sendto(datagram, _MSG_DONTWAIT, addr)
+        except OSError as exc:
+            self._send_failed(exc, datagram, addr)
+            return
+        stats = self._stats
+        if stats is not None:
+            stats.tx_datagrams += 1
+            stats.tx_bytes += len(datagram)
+
+    def _sendto(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self._sock.sendto(datagram, _MSG_DONTWAIT, addr)
+        except OSError as exc:
+            self._send_failed(exc, datagram, addr)
+            return
+        stats = self._stats
+        if stats is not None:
+            stats.tx_datagrams += 1
+            stats.tx_bytes += len(datagram)
+
+    def _send_connected(self, datagram: bytes, addr: Any) -> None:
+        self._check_connected_addr(addr)
+        try:
+            self._sock.send(datagram, _MSG_DONTWAIT)
+        except OSError as exc:
+            self._send_failed(exc, datagram, addr)
+            return
+        stats = self._stats
+        if stats is not None:
+            stats.tx_datagrams += 1
+            stats.tx_bytes += len(datagram)
+
+    # -- guards ------------------------------------------------------------
+
+    def connect(self, host: str, port: int) -> None:
+        if self._shared:
+            raise ShardedSocketError(
+                "connect() refused: this socket is shared (a member of a SO_REUSEPORT group); "
+                "on Linux connect() silently removes it from the group and reshuffles every "
+                "worker's flows. Use a private socket (adopt(..., shared=False)) for connected "
+                "mode."
+            )
+        _StockPort.connect(self, host, port)
+
+    def joinGroup(self, addr: str, interface: str = "") -> Deferred[None]:
+        d: Deferred[None] = super().joinGroup(addr, interface)
+
+        def already_member(f: Failure) -> Failure | None:
+            # The master (or the previous worker) joined this shared socket
+            # already: membership is per socket, so we are in the group.
+            exc = f.value
+            cause = getattr(exc, "__cause__", None)
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                return None
+            if isinstance(exc, error.MulticastJoinError) and errno.EADDRINUSE in exc.args:
+                return None
+            return f
+
+        d.addErrback(already_member)
+        return d
+
+    # IP_MULTICAST_TTL is an IPv4 option; on an AF_INET6 socket Linux accepts it
+    # but it only affects v4-mapped traffic, so stock Twisted silently does
+    # nothing useful there.
+    def getTTL(self) -> int:
+        if self.addressFamily == socket.AF_INET6:
+            return self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS)
+        return int(super().getTTL())
+
+    def setTTL(self, ttl: int) -> None:
+        if self.addressFamily == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
+            return
+        super().setTTL(ttl)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._errors.flush()
+        self._send_errors.flush()
+        _StockPort.connectionLost(self, reason)
+
+
+def _drain_error_queue(sock: socket.socket) -> int:
+    """Read and discard queued errors (IP_RECVERR); return how many there were."""
+    # They keep EPOLLERR raised until read; bounded so a flood cannot pin us.
+    for queued in range(64):
+        try:
+            sock.recvmsg(1, 1024, socket.MSG_ERRQUEUE | _MSG_DONTWAIT)
+        except OSError:
+            return queued
+    return 64
+
+
+def _check_adoptable(sock: object) -> socket.AddressFamily:
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"adopt() needs a socket.socket, not {type(sock).__name__}")
+    if sock.fileno() < 0:
+        raise ValueError("adopt() was given a closed socket")
+    if sock.type != socket.SOCK_DGRAM:
+        raise ValueError(f"adopt() needs a SOCK_DGRAM socket, not {sock.type!r}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"adopt() needs an AF_INET or AF_INET6 socket, not {sock.family!r}")
+    if sock.getsockname()[1] == 0:
+        raise ValueError("adopt() needs a bound socket; this one has no port")
+    return sock.family
+
+
+class PythonShardPort(ShardPort):
+    """Pure Python fast path: one recvfrom per datagram in a tight loop."""
+
+    datapath = "python"
+
+    def _read(self, max_count: int, max_bytes: int) -> int:
+        if self._stats is not None:
+            return self._read_counting(max_count, max_bytes)
+        recvfrom = self._sock.recvfrom
+        size = self.maxPacketSize
+        deliver = self.protocol.datagramReceived
+        v6 = self.addressFamily == socket.AF_INET6
+        nbytes = 0
+        # for/range and early returns: the cheapest loop CPython 3.11 offers.
+        for count in range(max_count):
+            try:
+                data, addr = recvfrom(size, _MSG_DONTWAIT)
+            except BlockingIOError:
+                return count
+            except ConnectionRefusedError:
+                if self._connectedAddr:
+                    self._refused()
+                return count
+            except OSError:
+                if not self.connected:  # a handler closed the port mid-batch
+                    return count
+                raise
+            if v6:
+                addr = addr[:2]
+            try:
+                deliver(data, addr)
+            except BaseException as exc:
+                self._handler_failed(exc)
+            nbytes += len(data)
+            if nbytes >= max_bytes:
+                return count + 1
+        return max_count
+
+    def _read_counting(self, max_count: int, max_bytes: int) -> int:
+        stats = self._stats
+        assert stats is not None
+        recvfrom = self._sock.recvfrom
+        size = self.maxPacketSize
+        deliver = self.protocol.datagramReceived
+        v6 = self.addressFamily == socket.AF_INET6
+        clock = time.perf_counter_ns
+        observe = stats.observe_ns
+        nbytes = 0
+        for count in range(max_count):
+            try:
+                data, addr = recvfrom(size, _MSG_DONTWAIT)
+            except BlockingIOError:
+                return count
+            except ConnectionRefusedError:
+                if self._connectedAddr:
+                    self._refused()
+                return count
+            except OSError:
+                if not self.connected:  # a handler closed the port mid-batch
+                    return count
+                raise
+            n = len(data)
+            stats.rx_bytes += n
+            stats.rx_datagrams += 1
+            if v6:
+                addr = addr[:2]
+            try:
+                if stats.rx_datagrams & _SAMPLE_MASK:
+                    deliver(data, addr)
+                else:
+                    t0 = clock()
+                    deliver(data, addr)
+                    observe(clock() - t0)
+            except BaseException as exc:
+                self._handler_failed(exc)
+            nbytes += n
+            if nbytes >= max_bytes:
+                return count + 1
+        return max_count
+
+
+class TwistedShardPort(ShardPort):
+    """Stock Twisted's algorithms (byte-bounded recvfrom loop, three address
+    checks per write) plus only the guards and counters: the A/B baseline."""
+
+    datapath = "twisted"
+
+    def _read(self, max_count: int, max_bytes: int) -> int:
+        # Stock bounds a read by bytes only; the count bound is ours (drain).
+        count = 0
+        read = 0
+        stats = self._stats
+        while read < max_bytes and count < max_count:
+            try:
+                data, addr = self._sock.recvfrom(self.maxPacketSize, _MSG_DONTWAIT)
+            except BlockingIOError:
+                return count
+            except ConnectionRefusedError:
+                if self._connectedAddr:
+                    self._refused()
+                return count
+            except OSError:
+                if not self.connected:  # a handler closed the port mid-batch
+                    return count
+                raise
+            read += len(data)
+            count += 1
+            if self.addressFamily == socket.AF_INET6:
+                addr = addr[:2]
+            if stats is not None:
+                stats.rx_datagrams += 1
+                stats.rx_bytes += len(data)
+            try:
+                if stats is not None and not stats.rx_datagrams & _SAMPLE_MASK:
+                    t0 = time.perf_counter_ns()
+                    self.protocol.datagramReceived(data, addr)
+                    stats.observe_ns(time.perf_counter_ns() - t0)
+                else:
+                    self.protocol.datagramReceived(data, addr)
+            except BaseException as exc:
+                self._handler_failed(exc)
+        return count
+
+    def write(self, datagram: bytes, addr: Any = None) -> None:
+        if self._connectedAddr:
+            self._send_connected(datagram, addr)
+            return
+        if addr is None:
+            raise _InvalidAddressError(None, "write() on an unconnected port needs addr")
+        # Stock validates every datagram, uncached; keep that cost.
+        reason = _stock_address_error(addr[0], self.addressFamily)
+        if reason is not None:
+            raise _InvalidAddressError(addr[0], reason)
+        self._sendto(datagram, addr)
+
+
+class CShardPort(ShardPort):
+    """recvmmsg/sendmmsg batches through the ``shardudp._batchio`` extension."""
+
+    datapath = "c"
+    # Datagrams per recvmmsg; each slot has a max_packet_size buffer.
+    batchSize: ClassVar[int] = 64
+
+    _engine: Any
+
+    def _adopted(self) -> None:
+        if _batchio is None:
+            raise RuntimeError(f"the C datapath is unavailable: {_BATCHIO_MISSING}")
+        self._engine = _batchio.Engine(
+            self._sock.fileno(),
+            int(self.addressFamily),
+            self,
+            self.protocol,
+            self._stats,
+            self.maxPacketSize,
+            self.batchSize,
+            _SAMPLE_MASK,
+            self.addressCacheSize,
+        )
+        # The protocol calls transport.write per reply: make that the C method
+        # itself, with no Python frame in between.
+        self.write = self._engine.write  # type: ignore[method-assign]
+
+    def _read(self, max_count: int, max_bytes: int) -> int:
+        return int(self._engine.read(max_count, max_bytes))
+
+    def _slow_write(self, datagram: bytes, addr: Any) -> bool:
+        """First write to a destination (or any odd case): stock checks, sent now.
+
+        Returns True when the address may be cached as valid for later writes.
+        """
+        ShardPort.write(self, datagram, addr)
+        return True
+
+    def _async_send_failed(self, exc: OSError) -> None:
+        """A queued datagram failed after its write() returned: log, do not raise."""
+        self._send_errors.report(exc)
+
+    def connect(self, host: str, port: int) -> None:
+        super().connect(host, port)
+        self._engine.set_connected(self._connectedAddr)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        engine = self._engine
+        super().connectionLost(reason)
+        # Break the port <-> engine cycle now rather than at the next GC.
+        engine.close()
+
+
+_CLASSES: Final[dict[str, type[ShardPort]]] = {
+    "python": PythonShardPort,
+    "twisted": TwistedShardPort,
+    "c": CShardPort,
+}
+DATAPATHS: Final = ("auto", "c", "python", "twisted")
+
+
+def port_class(datapath: str) -> type[ShardPort]:
+    """The port class for a ``--datapath`` value (auto, c, python or twisted)."""
+    if datapath == "auto":
+        return CShardPort if HAVE_C_BATCHIO else PythonShardPort
+    if datapath == "c" and not HAVE_C_BATCHIO:
+        raise RuntimeError(f"--datapath c is unavailable: {_BATCHIO_MISSING}")
+    try:
+        return _CLASSES[datapath]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown datapath {datapath!r}; expected one of {', '.join(DATAPATHS)}"
+        ) from None
