@@ -326,7 +326,12 @@ def run(spec: WorkerSpec) -> int:
         factories = {ss.listener.name: load_app(ss.listener.app) for ss in spec.sockets}
         worker.boot(factories)
     except AppError as exc:
-        return _boot_failed(worker, str(exc))
+        reason = str(exc)
+        if spec.run_as is not None and ("Error" in reason and ("Import" in reason or
+                                                               "Permission" in reason)):
+            reason += (f" (the worker runs as uid {spec.run_as[0]}: is the Python installation "
+                       "and the APP readable by that user?)")
+        return _boot_failed(worker, reason)
     except Exception as exc:
         tb = traceback.format_exc(limit=-3)
         log.debug("boot failure detail:\n%s", tb)

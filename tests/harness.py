@@ -68,7 +68,7 @@ class Server:
     """A ``python -m shardudp run ...`` process and its captured log."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, prefix: Sequence[str] = ()) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
         full_env.pop("NOTIFY_SOCKET", None)
@@ -78,7 +78,7 @@ class Server:
         full_env.update(env or {})
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardudp", *args],
+            [*prefix, sys.executable, "-m", "shardudp", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=full_env, cwd=cwd or ROOT, start_new_session=True)
         STARTED_SESSIONS.add(self.proc.pid)

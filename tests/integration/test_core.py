@@ -246,3 +246,37 @@ def test_ttin_and_ttou_add_and_remove_a_worker() -> None:
         assert len(got) == 60
         pids = {int(d.split(b":")[0]) for _, d in got}
         assert len(pids) == 2
+
+
+def _udp_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def test_each_worker_holds_only_its_own_slot_socket() -> None:
+    from pathlib import Path
+
+    with serving("workers.echo:Echo", workers=3) as (srv, port):
+        pids = srv.ready_pids(count=3)
+        group = set()
+        for name in ("udp", "udp6"):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                parts = line.split()
+                if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    group.add(int(parts[9]))
+        assert len(group) == 3  # one socket per slot, all held by the master
+        master = _udp_inodes(srv.pid)
+        assert group <= master
+        seen = []
+        for pid in pids.values():
+            mine = _udp_inodes(pid) & group
+            assert len(mine) == 1, (pid, mine)
+            seen.append(mine.pop())
+        assert len(set(seen)) == 3
