@@ -191,8 +191,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("multicast_interface", "listener", _ip, None,
             "Interface address to join on and send from (default: the kernel's choice).",
             "ADDR"),
-    Setting("rcvbuf", "listener", _int(0, 1 << 31), None,
-            "SO_RCVBUF bytes to ask for (the kernel doubles it, capped by rmem_max).", "BYTES"),
+    Setting("rcvbuf", "listener", _int(0, 1 << 31), 4 * 1024 * 1024,
+            "SO_RCVBUF bytes to ask for (the kernel doubles it, capped by net.core.rmem_max; "
+            "0 keeps the kernel default). It must hold what arrives while a worker restarts.",
+            "BYTES"),
     Setting("sndbuf", "listener", _int(0, 1 << 31), None, "SO_SNDBUF bytes to ask for.",
             "BYTES"),
     Setting("max_packet_size", "listener", _int(1, 65535), 65535,

@@ -195,7 +195,7 @@ def open_socket(listener: Listener, *, reuseport: bool) -> socket.socket:
     try:
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if listener.rcvbuf is not None:
+        if listener.rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.rcvbuf)
         if listener.sndbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listener.sndbuf)

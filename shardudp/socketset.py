@@ -134,7 +134,7 @@ class SocketSet:
                     sockets.attach_filter(ss.sock, prog)
 
     def _log_rcvbuf(self, lst: Listener, sock: socket.socket) -> None:
-        if lst.rcvbuf is None or lst.name in self._logged_rcvbuf:
+        if not lst.rcvbuf or lst.name in self._logged_rcvbuf:
             return
         self._logged_rcvbuf.add(lst.name)
         got = sockets.rcvbuf_of(sock)

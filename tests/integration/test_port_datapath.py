@@ -644,3 +644,18 @@ def test_port_closed_by_its_own_handler_mid_batch(h: Harness, datapath: str) -> 
     else:
         assert seen == [b"1", b"2", b"3"]
     assert proto.received[0][0] == b"1"
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_every_handler_failure_is_counted_even_when_sampled(h: Harness, datapath: str) -> None:
+    stats = ListenerStats()
+    proto = Recorder(fail_on=b"bad")
+    _, m = h.serve(datapath, proto, stats=stats)
+    c = h.client()
+    n = 3 * SAMPLE_EVERY
+    for _ in range(n):
+        c.sendto(b"bad", m.getsockname())
+    h.spin(lambda: len(proto.received) == n, "all datagrams")
+    assert stats.errors["value"] == n
+    assert stats.rx_datagrams == n
+    assert stats.duration_count == 0  # a failed call is counted, not timed

@@ -31,10 +31,11 @@ def test_pure_module_imports_no_io(module: str) -> None:
     assert not loaded & FORBIDDEN, loaded & FORBIDDEN
 
 
-def test_master_side_modules_never_import_twisted() -> None:
+def test_master_never_installs_a_reactor_even_after_preloading() -> None:
     code = (
         "import sys; import shardudp.cli, shardudp.master, shardudp.server; "
-        "print('twisted' in sys.modules)"
+        "shardudp.master.preload_worker_modules(); "
+        "print('twisted.internet.reactor' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
