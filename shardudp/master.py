@@ -50,9 +50,9 @@ def preload_worker_modules() -> None:
     alone. No reactor is installed here: each worker installs its own. The
     APP is not preloaded, so a rolling reload still picks up its changes.
     """
-    import twisted.internet.epollreactor  # noqa: F401
-    import twisted.internet.protocol  # noqa: F401
-    import twisted.internet.task  # noqa: F401
+    import twisted.internet.epollreactor
+    import twisted.internet.protocol
+    import twisted.internet.task
     import twisted.logger  # noqa: F401
 
     from . import port, reactor  # noqa: F401
