@@ -28,7 +28,6 @@ from .errors import StartupError
 log = logging.getLogger("shardudp.sockets")
 
 SO_ATTACH_FILTER: Final = 26
-SO_DETACH_FILTER: Final = 27
 IP_MULTICAST_ALL: Final = 49
 IPV6_MULTICAST_ALL: Final = 29
 SKF_NET_OFF: Final = -0x100000

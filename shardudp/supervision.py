@@ -194,13 +194,6 @@ class Supervisor:
             for s in self.slots.values()
         )
 
-    def unready_slots(self) -> list[int]:
-        return [
-            s.index
-            for s in self.slots.values()
-            if s.current is None or self.workers[s.current].state is not WState.READY
-        ]
-
     @property
     def leader(self) -> int | None:
         return self._leader

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from harness import ROOT, Flows, Server, free_port, serving, wait_pid_gone
+from harness import Flows, Server, free_port, serving, wait_pid_gone
 
 from shardudp.sockets import shard_of
 
@@ -83,40 +83,28 @@ def _settle(s: McastSenders, timeout: float = 0.5) -> list[tuple[int, bytes]]:
     return s.replies(10**6, timeout)
 
 
-def test_fanout_every_worker_handles_every_datagram(senders: McastSenders) -> None:
-    srv, port = mcast_server("fanout")
-    try:
-        pids = set(srv.ready_pids(count=3).values())
-        senders.send_many(port, 300, b"f")
-        got = senders.replies(900, 15) + _settle(senders)
-        counts = collections.Counter(p for _, p in got)
-        assert len(counts) == 300 and set(counts.values()) == {3}
-        assert {pid for pid, _ in got} == pids
-    finally:
-        srv.stop()
-
-
-@pytest.mark.parametrize("mode", ["single", "shard"])
-def test_single_and_shard_handle_each_datagram_exactly_once(mode: str,
-                                                            senders: McastSenders) -> None:
+@pytest.mark.parametrize(("mode", "copies"), [("fanout", 3), ("single", 1), ("shard", 1)])
+def test_delivery_modes_with_three_workers(mode: str, copies: int,
+                                           senders: McastSenders) -> None:
     srv, port = mcast_server(mode)
     try:
-        pids = set(srv.ready_pids(count=3).values())
+        slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
         senders.send_many(port, 300, b"s")
-        got = senders.replies(300, 15) + _settle(senders)
+        got = senders.replies(300 * copies, 15) + _settle(senders)
         counts = collections.Counter(p for _, p in got)
-        assert len(got) == 300 and set(counts.values()) == {1}
+        assert len(counts) == 300 and set(counts.values()) == {copies}
+        assert len(got) == 300 * copies
         by_worker = collections.Counter(pid for pid, _ in got)
+        if mode == "single":
+            assert len(by_worker) == 1
+        else:
+            assert set(by_worker) == set(slot_of), by_worker  # every worker takes part
         if mode == "shard":
-            assert set(by_worker) == pids, by_worker  # every worker takes part
             # The kernel's BPF filter keeps exactly the shard we compute.
-            slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
             port_of = {b"s-%04d" % i: senders.socks[i % 30].getsockname()[1]
                        for i in range(300)}
             for pid, payload in got:
                 assert shard_of("127.0.0.1", port_of[payload], 3) == slot_of[pid]
-        else:
-            assert len(by_worker) == 1
     finally:
         srv.stop()
 
@@ -256,5 +244,3 @@ def test_ipv6_unicast_on_loopback() -> None:
             flows.send(i, b"six")
         assert len(flows.collect(20, 5)) == 20
 
-
-_ = ROOT
