@@ -1,0 +1,1 @@
+"""Benchmark harness for shardudp (issue 7): see bench/README.md."""

@@ -1,0 +1,389 @@
+"""The bench's scenarios. Each returns plain dicts that go straight into the
+JSON report; an error in one server or scenario is recorded, not raised, so
+one broken server does not cost the rest of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from bench import harness
+from bench.harness import HOST, BenchError, Load, Sample, Server
+from bench.servers import Baseline
+
+ECHO_APP = "workers.echo:Echo"
+SINK_APP = "workers.sink:Sink"
+PID_APP = "bench.pidreply:PidReply"
+
+Row = dict[str, object]
+Log = Callable[[str], None]
+
+
+@dataclass
+class Context:
+    loadgen: list[str]
+    loadgen_cpus: frozenset[int] | None
+    server_cpus: frozenset[int] | None
+    reps: int
+    duration: float
+    flows: int
+    workers: int  # "N" in the shardudp-N scenarios
+    log: Log
+    baselines: list[Baseline] = field(default_factory=list)
+    shardudp_error: str | None = None  # why shardudp scenarios are skipped
+    only: frozenset[str] | None = None  # matrix servers to run (None: all)
+    rcvbuf: int = 0  # SO_RCVBUF for every server; 0 = each server's own default
+
+
+def summarize(samples: list[Sample]) -> Row:
+    """Medians over repetitions, plus the raw samples."""
+    cpus = [s.cpu_us_per_dgram for s in samples if s.cpu_us_per_dgram is not None]
+    return {
+        "pps": statistics.median(s.pps for s in samples),
+        "cpu_us_per_dgram": statistics.median(cpus) if cpus else None,
+        "loss": statistics.median(s.loss for s in samples),
+        "cpu_share": statistics.median(s.cpu_share for s in samples),
+        "samples": [s.as_dict() for s in samples],
+    }
+
+
+def _fmt(row: Row) -> str:
+    cpu = row.get("cpu_us_per_dgram")
+    cpu_s = f"{cpu:.2f} us/dgram" if isinstance(cpu, float) else "-"
+    return f"{float(row['pps']) / 1e3:8.1f} kpps  {cpu_s}  loss {float(row['loss']):.1%}"  # type: ignore[arg-type]
+
+
+@contextmanager
+def _started(start: Callable[[], Server]) -> Iterator[Server]:
+    server = start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _shard(ctx: Context, app: str, workers: int, extra: Sequence[str] = ()) -> Callable[[], Server]:
+    rcvbuf = ["--rcvbuf", str(ctx.rcvbuf)] if ctx.rcvbuf else []
+
+    def start() -> Server:
+        if ctx.shardudp_error:
+            raise BenchError(ctx.shardudp_error)
+        return harness.ShardServer(app, workers, [*rcvbuf, *extra], ctx.server_cpus)
+
+    return start
+
+
+Starter = Callable[[], Server]
+ERRORS = (BenchError, subprocess.SubprocessError, OSError)
+
+
+def _interleaved(
+    ctx: Context, label: str, starters: Sequence[tuple[str, Starter]], loads: Sequence[Load]
+) -> tuple[dict[tuple[str, Load], list[Sample]], dict[str, str]]:
+    """Measure every load against every server, repetitions going round them.
+
+    All servers run at once (idle ones block in recv, on the server CPUs), so
+    a burst of noise from whatever else runs on the machine lands on one
+    sample of several servers instead of every sample of one, and ratios
+    between servers of one call compare like with like.
+    """
+    running: dict[str, Server] = {}
+    errors: dict[str, str] = {}
+    samples: dict[tuple[str, Load], list[Sample]] = {}
+    try:
+        for name, start in starters:
+            try:
+                running[name] = start()
+            except ERRORS as e:
+                errors[name] = str(e)
+                ctx.log(f"{label}: {name} FAILED: {str(e).splitlines()[0]}")
+        for rep in range(ctx.reps):
+            ctx.log(f"{label}: repetition {rep + 1} of {ctx.reps}")
+            for load in loads:
+                for name, server in running.items():
+                    if name in errors:
+                        continue
+                    try:
+                        sample = harness.measure(server, ctx.loadgen, load, ctx.loadgen_cpus)
+                    except ERRORS as e:
+                        errors[name] = str(e)
+                        ctx.log(f"{label}: {name} FAILED: {str(e).splitlines()[0]}")
+                        continue
+                    samples.setdefault((name, load), []).append(sample)
+    finally:
+        for server in running.values():
+            server.stop()
+    return samples, errors
+
+
+def _row(
+    ctx: Context,
+    head: Row,
+    name: str,
+    load: Load,
+    samples: dict[tuple[str, Load], list[Sample]],
+    errors: dict[str, str],
+) -> Row:
+    row = dict(head)
+    if name in errors:
+        row["error"] = errors[name]
+    else:
+        row.update(summarize(samples[(name, load)]))
+        ctx.log(f"{load.mode}-{load.size:<5} {name:<28} {_fmt(row)}")
+    return row
+
+
+def matrix(ctx: Context, modes: Sequence[str], sizes: Sequence[int]) -> list[Row]:
+    """echo/sink x sizes against every baseline and shardudp with 1 and N workers."""
+    rows: list[Row] = []
+    for mode in modes:
+        starters: list[tuple[str, Starter]] = []
+        titles: dict[str, str] = {}
+        for b in ctx.baselines:
+            starters.append((b.name, _baseline(ctx, b, mode)))
+            titles[b.name] = b.title
+        app = ECHO_APP if mode == "echo" else SINK_APP
+        for n in sorted({1, ctx.workers}):
+            name = f"shardudp-{n}"
+            starters.append((name, _shard(ctx, app, n)))
+            titles[name] = f"shardudp, {n} worker{'s' if n > 1 else ''}"
+        if ctx.only is not None:
+            starters = [(name, start) for name, start in starters if name in ctx.only]
+        loads = [Load(mode, size, ctx.duration, ctx.flows) for size in sizes]
+        samples, errors = _interleaved(ctx, mode, starters, loads)
+        for name, _ in starters:
+            for load in loads:
+                head: Row = {"server": name, "title": titles[name], "mode": mode, "size": load.size}
+                rows.append(_row(ctx, head, name, load, samples, errors))
+    return rows
+
+
+def _baseline(ctx: Context, b: Baseline, mode: str) -> Starter:
+    argv = b.command(HOST, mode, ctx.rcvbuf)
+    return lambda: harness.BaselineServer(b.name, argv, ctx.server_cpus)
+
+
+def datapath(ctx: Context) -> list[Row]:
+    """shardudp, 1 worker, echo 64 B, per --datapath, next to stock Twisted.
+
+    The ratios are per worker: pps (noise-sensitive) and CPU per datagram
+    (stock Twisted's µs over this one's, >1 = cheaper than Twisted).
+    """
+    load = Load("echo", 64, ctx.duration, ctx.flows)
+    starters: list[tuple[str, Starter]] = [
+        (dp, _shard(ctx, ECHO_APP, 1, ["--datapath", dp])) for dp in ("twisted", "python", "c")
+    ]
+    twisted = [b for b in ctx.baselines if b.name == "twisted"]
+    if twisted:
+        starters.insert(0, ("stock", _baseline(ctx, twisted[0], "echo")))
+    samples, errors = _interleaved(ctx, "datapath", starters, [load])
+    ref = None if "stock" in errors or not twisted else summarize(samples[("stock", load)])
+    rows = []
+    for name, _ in starters:
+        head: Row = {"datapath": name if name != "stock" else "stock Twisted listenUDP"}
+        row = _row(ctx, head, name, load, samples, errors)
+        if ref and "pps" in row:
+            row["ratio_vs_twisted"] = _ratio(row["pps"], ref["pps"])
+            row["cpu_ratio_vs_twisted"] = _ratio(ref["cpu_us_per_dgram"], row["cpu_us_per_dgram"])
+        rows.append(row)
+    return rows
+
+
+def _ratio(num: object, den: object) -> float | None:
+    if isinstance(num, int | float) and isinstance(den, int | float) and den:
+        return float(num) / float(den)
+    return None
+
+
+def metrics(ctx: Context) -> list[Row]:
+    """shardudp, 1 worker, echo 64 B: per-datagram counting on vs off."""
+    load = Load("echo", 64, ctx.duration, ctx.flows)
+    configs = {
+        "metrics on (--metrics 127.0.0.1:0 --metrics-interval 1)": [
+            "--metrics",
+            f"{HOST}:0",
+            "--metrics-interval",
+            "1",
+        ],
+        "metrics off (--metrics-interval 0)": ["--metrics-interval", "0"],
+    }
+    starters = [(label, _shard(ctx, ECHO_APP, 1, extra)) for label, extra in configs.items()]
+    samples, errors = _interleaved(ctx, "metrics", starters, [load])
+    return [_row(ctx, {"config": label}, label, load, samples, errors) for label in configs]
+
+
+def kill_worker(
+    ctx: Context, capacity: float, fractions: Sequence[float], duration: float, kill_at: float
+) -> list[Row]:
+    """kill -9 one of N workers under a fixed echo load; count what is lost.
+
+    Each fraction gets a fresh server, a control run without a kill at the
+    same rate (loss the load causes by itself), then the kill run.
+    """
+    rows: list[Row] = []
+    for frac in fractions:
+        rate = round(capacity * frac)
+        load = Load("echo", 64, duration, ctx.flows, rate=rate, drain=3.0)
+        row: Row = {"fraction": frac, "rate": rate, "workers": ctx.workers}
+        try:
+            with _started(_shard(ctx, ECHO_APP, ctx.workers)) as server:
+                assert isinstance(server, harness.ShardServer)
+                control = harness.measure(server, ctx.loadgen, load, ctx.loadgen_cpus)
+                row["control_lost"] = control.sent - control.received
+                row.update(_kill_run(ctx, server, load, kill_at))
+            ctx.log(
+                f"kill at {frac:.0%} ({rate / 1e3:.0f} kpps): lost {row.get('lost')}"
+                f" (control {row.get('control_lost')}), ready after"
+                f" {row.get('ready_after_s')}"
+            )
+        except (BenchError, subprocess.SubprocessError, OSError) as e:
+            ctx.log(f"kill at {frac:.0%} FAILED: {str(e).splitlines()[0]}")
+            row["error"] = str(e)
+        rows.append(row)
+    return rows
+
+
+def _kill_run(ctx: Context, server: harness.ShardServer, load: Load, kill_at: float) -> Row:
+    slots = server.slot_pids()
+    slot = min(slots)
+    victim = slots[slot]
+    proc = harness.start_loadgen(ctx.loadgen, server.port, load, ctx.loadgen_cpus)
+    try:
+        # Scheduling the kill inside the load window, not synchronising.
+        time.sleep(kill_at)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        ready = server.wait_replacement(slot, victim, killed_at, timeout=load.duration + 15)
+        report = harness.finish_loadgen(proc, load)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    sent = int(report["sent"])  # type: ignore[call-overload]
+    received = int(report["received"])  # type: ignore[call-overload]
+    return {
+        "killed_slot": slot,
+        "killed_pid": victim,
+        "replacement_pid": ready.pid if ready else None,
+        "ready_after_s": round(ready.at - killed_at, 4) if ready else None,
+        "sent": sent,
+        "received": received,
+        "lost": sent - received,
+        "loss": (sent - received) / sent if sent else 0.0,
+    }
+
+
+def evenness(ctx: Context, workers: int, flows: int) -> Row:
+    """How the kernel spreads `flows` source ports over N workers.
+
+    Counted twice: by the pid each flow's reply names, and by the per-slot
+    ``shardudp_datagrams_received_total`` series of the metrics endpoint.
+    """
+    row: Row = {"workers": workers, "flows": flows}
+    metrics_port = harness.free_tcp_port()
+    extra = ["--metrics", f"{HOST}:{metrics_port}", "--metrics-interval", "0.2"]
+    try:
+        with _started(_shard(ctx, PID_APP, workers, extra)) as server:
+            assert isinstance(server, harness.ShardServer)
+            pid_to_slot = {pid: slot for slot, pid in server.slot_pids().items()}
+            by_port, sent = _pids_per_flow(server.port, flows)
+            row["per_worker_metrics"] = _metrics_per_slot(metrics_port, sent)
+        counts = Counter(by_port.values())
+        per_slot = {str(pid_to_slot.get(pid, f"pid {pid}")): n for pid, n in counts.items()}
+        row["per_worker"] = dict(sorted(per_slot.items()))
+        row["answered"] = sum(counts.values())
+        values = list(counts.values()) + [0] * (workers - len(counts))
+        row["max_over_min"] = max(values) / min(values) if min(values) else None
+        ctx.log(
+            f"evenness {workers} workers, {flows} flows: {row['per_worker']}"
+            f" max/min {row['max_over_min']}; from /metrics: {row['per_worker_metrics']}"
+        )
+    except (BenchError, OSError) as e:
+        ctx.log(f"evenness FAILED: {str(e).splitlines()[0]}")
+        row["error"] = str(e)
+    return row
+
+
+_RX_SERIES = re.compile(r"^shardudp_datagrams_received_total\{([^}]*)\} (\S+)$", re.M)
+_SLOT_LABEL = re.compile(r'slot="(\d+)"')
+
+
+def _metrics_per_slot(port: int, expected: int, timeout: float = 5.0) -> dict[str, int] | str:
+    """Per-slot received counts from /metrics once they add up to `expected`.
+
+    Workers report every interval, so poll until the totals catch up; return
+    a note instead of counts if the endpoint or the series is missing.
+    """
+    deadline = time.monotonic() + timeout
+    per_slot: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError as e:
+            return f"metrics endpoint unavailable: {e}"
+        per_slot = {}
+        for labels, value in _RX_SERIES.findall(text):
+            if m := _SLOT_LABEL.search(labels):
+                per_slot[m.group(1)] = per_slot.get(m.group(1), 0) + int(float(value))
+        if per_slot and sum(per_slot.values()) >= expected:
+            return dict(sorted(per_slot.items()))
+        time.sleep(0.1)
+    if not per_slot:
+        return "no shardudp_datagrams_received_total series"
+    return dict(sorted(per_slot.items()))
+
+
+def _pids_per_flow(
+    port: int, flows: int, tries: int = 5, wait: float = 0.3
+) -> tuple[dict[int, int], int]:
+    """Send one datagram from each of `flows` sockets; map source port -> pid.
+
+    Also returns how many datagrams were sent (a flow is retried if its reply
+    did not come back in time).
+    """
+    socks = []
+    answered: dict[int, int] = {}
+    sent = 0
+    try:
+        for _ in range(flows):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            s.bind((HOST, 0))  # all open at once: every flow a distinct port
+            s.connect((HOST, port))
+            socks.append(s)
+        with selectors.DefaultSelector() as sel:
+            for s in socks:
+                sel.register(s, selectors.EVENT_READ)
+            for _ in range(tries):
+                pending = [s for s in socks if s.getsockname()[1] not in answered]
+                if not pending:
+                    break
+                for s in pending:
+                    s.send(b"which worker?")
+                    sent += 1
+                deadline = time.monotonic() + wait
+                while (left := deadline - time.monotonic()) > 0 and len(answered) < flows:
+                    for key, _ in sel.select(left):
+                        sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                        try:
+                            reply = sock.recv(64)
+                        except OSError:
+                            continue
+                        answered[sock.getsockname()[1]] = int(reply)
+    finally:
+        for s in socks:
+            s.close()
+    return answered, sent
