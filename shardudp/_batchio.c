@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Direct-mapped cache of source address -> (host, port) tuple. A collision
  * just rebuilds the tuple; the size bounds memory whatever the client count. */
@@ -48,6 +49,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd;
+    int owns_fd; /* fd is our dup (tp_new leaves 0 here, which is not ours) */
     int family;
     int closed;
     int close_pending;
@@ -79,6 +81,7 @@ typedef struct {
     struct iovec *siov;
     addr_t *sname;
     PyObject **sdata;
+    int *serr; /* errno of each failed message of one flush */
     int squeued;
 
     /* counters not yet added to stats */
@@ -316,11 +319,16 @@ async_send_error(Engine *e, int err)
     Py_DECREF(exc);
 }
 
-/* Send everything queued in as few sendmmsg calls as errors allow. */
+/* Send everything queued in as few sendmmsg calls as errors allow.
+ *
+ * No Python runs while the queue is live: errors are collected first and
+ * reported only after the queue is reset, because a callback
+ * (connectionRefused, a logger) may write(), which enqueues or flushes again. */
 static void
 flush(Engine *e)
 {
-    int q = e->squeued, i = 0, retries = 0;
+    int q = e->squeued, i = 0, retries = 0, nerr = 0;
+    int *errs = e->serr;
     while (i < q && e->fd >= 0) {
         int r = sendmmsg(e->fd, e->smsg + i, (unsigned)(q - i), MSG_DONTWAIT);
         if (r > 0) {
@@ -340,12 +348,19 @@ flush(Engine *e)
             break;
         }
         /* Message i failed on its own (sendmmsg reports the first failure). */
-        async_send_error(e, err);
+        errs[nerr++] = err;
         i++;
     }
     for (int k = 0; k < q; k++)
         Py_CLEAR(e->sdata[k]);
     e->squeued = 0;
+    if (nerr == 0)
+        return;
+    /* A nested flush (a callback writing a full queue) reuses e->serr. */
+    int local[nerr];
+    memcpy(local, errs, sizeof(int) * (size_t)nerr);
+    for (int k = 0; k < nerr; k++)
+        async_send_error(e, local[k]);
 }
 
 static void
@@ -405,7 +420,7 @@ send_now(Engine *e, PyObject *data, const addr_t *a, socklen_t alen, PyObject *a
 static int
 check_open(Engine *e)
 {
-    if (e->closed || e->fd < 0) {
+    if (e->closed || !e->owns_fd || e->fd < 0) {
         PyErr_SetString(PyExc_OSError, "the port is closed");
         return -1;
     }
@@ -474,12 +489,14 @@ Engine_write(Engine *e, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnam
         return slow_write(e, data, addr); /* odd types, EMSGSIZE: as stock */
 
     const addr_t *a;
+    addr_t cached;
     socklen_t alen;
     if (e->connected) {
         if (addr != Py_None)
             return slow_write(e, data, addr); /* stock's address check */
-        a = NULL;
-        alen = 0;
+        /* Never queued: a refusal belongs to the write that met it, and
+         * sendmmsg hides the errors of all but the first failing message. */
+        return send_now(e, data, NULL, 0, addr);
     } else if (addr == e->cur_tuple && addr != NULL) {
         /* A reply to the sender being delivered: the kernel gave us this
          * address, so it needs no checking. */
@@ -491,8 +508,11 @@ Engine_write(Engine *e, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnam
             PyErr_Clear(); /* unhashable: Python will say what is wrong */
             return slow_write(e, data, addr);
         }
-        a = (const addr_t *)PyBytes_AS_STRING(v);
+        /* Copied: a flush inside enqueue() may run Python that clears the
+         * cache and frees v. */
         alen = (socklen_t)PyBytes_GET_SIZE(v);
+        memcpy(&cached, PyBytes_AS_STRING(v), (size_t)alen);
+        a = &cached;
     }
     if (e->in_batch) {
         enqueue(e, data, a, alen);
@@ -630,13 +650,15 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_set_connected(Engine *e, PyObject *addr)
 {
+    if (e->squeued)
+        flush(e); /* queued before connect(): sent to their own addresses */
     e->connected = addr != Py_None;
     PyDict_Clear(e->txcache);
     Py_RETURN_NONE;
 }
 
 /* Drop every Python reference (breaking the port <-> engine cycle) and
- * forget the fd, which the port is about to close and the OS may reuse. */
+ * close our own dup of the socket. */
 static void
 engine_release(Engine *e)
 {
@@ -644,6 +666,8 @@ engine_release(Engine *e)
         flush(e);
     e->closed = 1;
     e->close_pending = 0;
+    if (e->owns_fd && e->fd >= 0)
+        close(e->fd);
     e->fd = -1;
     Py_CLEAR(e->port);
     Py_CLEAR(e->protocol);
@@ -658,12 +682,14 @@ engine_release(Engine *e)
 static PyObject *
 Engine_close(Engine *e, PyObject *Py_UNUSED(ignored))
 {
-    if (e->in_batch) {
-        /* Buffers are in use: finish at the batch end. The fd may be closed
-         * (and reused) before then, so nothing more is sent or read on it. */
-        e->close_pending = 1;
-        e->fd = -1;
-    } else
+    if (e->closed)
+        Py_RETURN_NONE;
+    if (e->squeued)
+        flush(e); /* replies written before the close still go out */
+    e->closed = 1;
+    if (e->in_batch)
+        e->close_pending = 1; /* buffers in use: release at the batch end */
+    else
         engine_release(e);
     Py_RETURN_NONE;
 }
@@ -698,6 +724,8 @@ Engine_dealloc(Engine *e)
 {
     PyObject_GC_UnTrack(e);
     Engine_clear(e);
+    if (e->owns_fd && e->fd >= 0)
+        close(e->fd);
     if (e->rxcache)
         for (int i = 0; i < RX_CACHE_SIZE; i++)
             Py_CLEAR(e->rxcache[i].tuple);
@@ -710,6 +738,7 @@ Engine_dealloc(Engine *e)
     PyMem_Free(e->siov);
     PyMem_Free(e->sname);
     PyMem_Free(e->sdata);
+    PyMem_Free(e->serr);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -726,7 +755,7 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
                                      &protocol, &stats, &maxsize, &batch, &sample_mask,
                                      &cache_cap))
         return -1;
-    if (e->rbuf != NULL) {
+    if (e->rbuf != NULL || e->owns_fd) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
@@ -735,7 +764,14 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "Engine: bad fd, family, maxsize, batch or cache_cap");
         return -1;
     }
-    e->fd = fd;
+    /* Our own descriptor: the port may close its socket (and the number be
+     * reused) while a batch is still being delivered or flushed. */
+    e->fd = dup(fd);
+    if (e->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->owns_fd = 1;
     e->family = family;
     e->maxsize = maxsize;
     e->max_payload = family == AF_INET ? 65507 : 65527;
@@ -755,8 +791,9 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     e->siov = PyMem_Calloc((size_t)batch, sizeof(struct iovec));
     e->sname = PyMem_Calloc((size_t)batch, sizeof(addr_t));
     e->sdata = PyMem_Calloc((size_t)batch, sizeof(PyObject *));
+    e->serr = PyMem_Calloc((size_t)batch, sizeof(int));
     if (!e->txcache || !e->rbuf || !e->rmsg || !e->riov || !e->rname || !e->rxcache ||
-        !e->smsg || !e->siov || !e->sname || !e->sdata) {
+        !e->smsg || !e->siov || !e->sname || !e->sdata || !e->serr) {
         PyErr_NoMemory();
         return -1;
     }

@@ -659,3 +659,116 @@ def test_every_handler_failure_is_counted_even_when_sampled(h: Harness, datapath
     assert stats.errors["value"] == n
     assert stats.rx_datagrams == n
     assert stats.duration_count == 0  # a failed call is counted, not timed
+
+
+def _replies_held_during_batch(h: Harness, datapath: str) -> tuple[list[bool], list[bytes]]:
+    """Send 3 datagrams in one go; inside each handler, reply, then look at the
+    client socket: has any reply arrived yet? Returns (seen-per-handler, replies)."""
+    proto = Recorder(echo=False)
+    c = h.client()
+    c.setblocking(False)
+    seen: list[bool] = []
+
+    def reply_then_peek(datagram: bytes, addr: Any) -> None:
+        proto.transport.write(b"re:" + datagram, addr)
+        try:
+            c.recv(100, socket.MSG_PEEK)
+            seen.append(True)
+        except BlockingIOError:
+            seen.append(False)
+
+    proto.reply = reply_then_peek
+    port, m = h.serve(datapath, proto)
+    port.stopReading()  # queue all three before the first read
+    for p in (b"1", b"2", b"3"):
+        c.sendto(p, m.getsockname())
+    h.spin(lambda: port.drain(10) == 0 and len(proto.received) == 3, "three datagrams")
+    c.settimeout(DEADLINE_S)
+    return seen, [c.recv(100) for _ in range(3)]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_writes_during_a_batch_are_sent_together_at_its_end(h: Harness, datapath: str) -> None:
+    seen, replies = _replies_held_during_batch(h, datapath)
+    assert replies == [b"re:1", b"re:2", b"re:3"]
+    if datapath == "c":
+        # Queued, then one sendmmsg after the last handler of the batch.
+        assert seen == [False, False, False]
+    else:
+        # One sendto per write, as stock Twisted does.
+        assert seen == [True, True, True]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_replies_written_before_the_handler_closes_its_port_go_out(
+    h: Harness, datapath: str
+) -> None:
+    proto = Recorder(echo=False)
+
+    def reply_then_close(datagram: bytes, addr: Any) -> None:
+        proto.transport.write(b"re:" + datagram, addr)
+        if len(proto.received) == 1:
+            port.connectionLost(None)
+
+    proto.reply = reply_then_close
+    port, m = h.serve(datapath, proto)
+    port.stopReading()
+    c = h.client()
+    for p in (b"1", b"2"):
+        c.sendto(p, m.getsockname())
+    h.spin(lambda: port.drain(10) == 0 and len(proto.received) > 0, "the first datagram")
+    assert not port.connected
+    assert c.recv(100) == b"re:1"
+
+
+def _refusals(h: Harness, proto: Recorder, port: Any, peer: socket.socket) -> tuple[int, int]:
+    """A connected port whose peer is gone; the handler writes 100 datagrams
+    per datagram (more than one send batch). Returns (refused, writes)."""
+    writes = 0
+
+    def flood(datagram: bytes, addr: Any) -> None:
+        nonlocal writes
+        for i in range(100):
+            proto.transport.write(b"%d" % i)
+            writes += 1
+
+    def refused_and_write() -> None:
+        nonlocal writes
+        proto.refused += 1
+        if proto.refused <= 3:  # a write from inside connectionRefused
+            proto.transport.write(b"after refusal")
+            writes += 1
+
+    proto.reply = flood
+    proto.connectionRefused = refused_and_write  # type: ignore[method-assign]
+    port.connect(*peer.getsockname())
+    peer.sendto(b"go", (port.getHost().host, port.getHost().port))
+    peer.close()  # every datagram to it now comes back as ICMP port unreachable
+    h.spin(lambda: len(proto.received) == 1, "the peer's datagram")
+    return proto.refused, writes
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_connection_refused_per_write_matches_stock(h: Harness, datapath: str) -> None:
+    stock_proto = Recorder(echo=False)
+    m = h.master()
+    stock: Any = MulticastPort
+    stock_port = stock._fromListeningDescriptor(
+        h.reactor, m.fileno(), socket.AF_INET, stock_proto, maxPacketSize=65535
+    )
+    stock_port.startListening()
+    h.ports.append(stock_port)
+    want = _refusals(h, stock_proto, stock_port, h.client())
+
+    stats = ListenerStats()
+    proto = Recorder(echo=False)
+    port, _ = h.serve(datapath, proto, stats=stats, shared=False)
+    got = _refusals(h, proto, port, h.client())
+    assert got[1] == want[1]
+    # Each refused write is reported, as stock does (about every other one:
+    # a refusal clears the socket error, so the next send goes out). The
+    # last read may or may not meet one more ICMP error.
+    assert want[0] > 10
+    assert abs(got[0] - want[0]) <= 2, (got, want)
+    # Every write is accounted for: sent, or failed and counted.
+    assert stats.tx_datagrams + stats.tx_errors == got[1]
