@@ -57,7 +57,8 @@ typedef struct {
     int connected;
     Py_ssize_t maxsize;
     Py_ssize_t max_payload;
-    int batch;
+    int batch;     /* capacity: datagrams per recvmmsg and per sendmmsg */
+    int adaptive;  /* datagrams the next recvmmsg asks for (1..batch) */
     unsigned long sample_mask;
     Py_ssize_t cache_cap;
 
@@ -543,6 +544,25 @@ observe(Engine *e, long long ns)
         Py_DECREF(r);
 }
 
+/* Size the next read so that delivering one batch takes about BATCH_TARGET_NS.
+ * A batch is read before any of it is handled, and its replies go out at its
+ * end: with a slow handler a full batch would hold replies back for the whole
+ * batch and, if the worker dies, lose every datagram it had read. Fast
+ * handlers keep the full batch, slow ones read one datagram at a time. */
+#define BATCH_TARGET_NS 1000000LL
+
+static void
+adapt_batch(Engine *e, int n, long long elapsed_ns)
+{
+    if (n <= 0)
+        return;
+    long long per = elapsed_ns / n;
+    long long want = per > 0 ? BATCH_TARGET_NS / per : e->batch;
+    if (want < 1)
+        want = 1;
+    e->adaptive = want > e->batch ? e->batch : (int)want;
+}
+
 static void engine_release(Engine *e);
 
 static PyObject *
@@ -570,7 +590,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     long long total = 0, nbytes = 0;
     int retries = 0, failed = 0;
     while (total < max_count && nbytes < max_bytes && !e->close_pending) {
-        unsigned want = (unsigned)(max_count - total < e->batch ? max_count - total : e->batch);
+        unsigned want =
+            (unsigned)(max_count - total < e->adaptive ? max_count - total : e->adaptive);
         for (unsigned i = 0; i < want; i++)
             e->rmsg[i].msg_hdr.msg_namelen = sizeof(addr_t);
         int n = recvmmsg(e->fd, e->rmsg, want, MSG_DONTWAIT, NULL);
@@ -591,6 +612,7 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         e->in_batch = 1;
+        long long batch_start = now_ns();
         for (int i = 0; i < n; i++) {
             Py_ssize_t len = (Py_ssize_t)e->rmsg[i].msg_len;
             PyObject *argv[2];
@@ -632,6 +654,7 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         }
         e->in_batch = 0;
         flush(e);
+        adapt_batch(e, n, now_ns() - batch_start);
         total += n;
         if ((unsigned)n < want)
             break; /* the queue ran dry; epoll will tell us when there is more */
@@ -776,6 +799,7 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     e->maxsize = maxsize;
     e->max_payload = family == AF_INET ? 65507 : 65527;
     e->batch = batch;
+    e->adaptive = 1; /* grows to batch after one read of a fast handler */
     e->sample_mask = sample_mask;
     e->cache_cap = cache_cap;
     e->port = Py_NewRef(port);

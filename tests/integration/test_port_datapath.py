@@ -346,22 +346,39 @@ def test_write_errors_inside_handler_reach_handler(h: Harness, datapath: str) ->
     ] * 2
 
 
+def _listener_socket(h: Harness, group: str) -> socket.socket:
+    """A multicast listener's socket the way the master makes it: bound to the
+    group, a member on loopback, sending from loopback."""
+    m = h.master(host=group)
+    lo = socket.inet_aton("127.0.0.1")
+    m.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, lo)
+    m.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + lo)
+    return m
+
+
 @pytest.mark.parametrize("datapath", DATAPATHS)
-def test_join_group_is_idempotent(h: Harness, datapath: str) -> None:
+def test_listener_membership_belongs_to_the_master(h: Harness, datapath: str) -> None:
     group = "239.255.42.99"
     proto = Recorder(echo=False)
-    # Bound to the group address: only group traffic, and nothing off loopback.
-    port, m = h.serve(datapath, proto, host=group)
-    mreq = socket.inet_aton(group) + socket.inet_aton("127.0.0.1")
-    # The master joined first, on the shared socket.
-    m.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    m = _listener_socket(h, group)
+    port = port_class(datapath).adopt(m, proto, h.reactor)
+    port.startListening()
+    h.ports.append(port)
     results: list[Any] = []
+    # The seed's joinGroup(G) (no interface), the explicit one, and leaving:
+    # all succeed without touching the master's membership.
+    port.joinGroup(group).addBoth(results.append)
     port.joinGroup(group, "127.0.0.1").addBoth(results.append)
-    port.joinGroup(group, "127.0.0.1").addBoth(results.append)
-    assert results == [None, None]
-    # A genuinely bad join still fails.
-    port.joinGroup("127.0.0.1", "127.0.0.1").addBoth(results.append)
-    assert results[2].check(error.MulticastJoinError)
+    port.leaveGroup(group).addBoth(results.append)
+    port.leaveGroup(group, "127.0.0.1").addBoth(results.append)
+    assert results == [None] * 4
+    # Another group can never arrive on a socket bound to this one: a clear
+    # failure instead of a join that silently delivers nothing.
+    port.joinGroup("239.255.42.97").addBoth(results.append)
+    assert results[4].check(error.MulticastJoinError)
+    assert "add a --multicast listener for 239.255.42.97" in str(results[4].value)
+    port.joinGroup(group, "127.0.0.2").addBoth(results.append)
+    assert results[5].check(error.MulticastJoinError)
     sender = h.client()
     sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
     sender.sendto(b"to the group", (group, m.getsockname()[1]))
@@ -370,7 +387,8 @@ def test_join_group_is_idempotent(h: Harness, datapath: str) -> None:
 
 
 def test_stock_join_group_fails_where_ours_succeeds(h: Harness) -> None:
-    """Documents why the idempotent join exists: stock reports EADDRINUSE."""
+    """Why a repeated join on a unicast socket counts as success: the socket
+    outlives the worker that joined, and stock reports EADDRINUSE."""
     group = "239.255.42.98"
     stock, m = h.serve_stock(Recorder(), host=group)
     m.setsockopt(
@@ -662,41 +680,75 @@ def test_every_handler_failure_is_counted_even_when_sampled(h: Harness, datapath
 
 
 def _replies_held_during_batch(h: Harness, datapath: str) -> tuple[list[bool], list[bytes]]:
-    """Send 3 datagrams in one go; inside each handler, reply, then look at the
-    client socket: has any reply arrived yet? Returns (seen-per-handler, replies)."""
+    """Queue 8 datagrams, then read them; each handler replies, then looks at
+    the client socket: has its own reply arrived yet? Returns (seen, replies)."""
     proto = Recorder(echo=False)
     c = h.client()
     c.setblocking(False)
     seen: list[bool] = []
+    arrived: list[bytes] = []
 
-    def reply_then_peek(datagram: bytes, addr: Any) -> None:
+    def reply_then_look(datagram: bytes, addr: Any) -> None:
         proto.transport.write(b"re:" + datagram, addr)
-        try:
-            c.recv(100, socket.MSG_PEEK)
-            seen.append(True)
-        except BlockingIOError:
-            seen.append(False)
+        for _ in range(100):
+            try:
+                arrived.append(c.recv(100))
+            except BlockingIOError:
+                break
+        seen.append(b"re:" + datagram in arrived)
 
-    proto.reply = reply_then_peek
+    proto.reply = reply_then_look
     port, m = h.serve(datapath, proto)
-    port.stopReading()  # queue all three before the first read
-    for p in (b"1", b"2", b"3"):
+    port.stopReading()  # queue them all before the first read
+    sent = [b"%d" % i for i in range(8)]
+    for p in sent:
         c.sendto(p, m.getsockname())
-    h.spin(lambda: port.drain(10) == 0 and len(proto.received) == 3, "three datagrams")
+    h.spin(lambda: port.drain(10) == 0 and len(proto.received) == 8, "the datagrams")
     c.settimeout(DEADLINE_S)
-    return seen, [c.recv(100) for _ in range(3)]
+    arrived += [c.recv(100) for _ in range(8 - len(arrived))]
+    return seen, arrived
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_writes_during_a_batch_are_sent_together_at_its_end(h: Harness, datapath: str) -> None:
     seen, replies = _replies_held_during_batch(h, datapath)
-    assert replies == [b"re:1", b"re:2", b"re:3"]
+    assert replies == [b"re:%d" % i for i in range(8)]
     if datapath == "c":
-        # Queued, then one sendmmsg after the last handler of the batch.
-        assert seen == [False, False, False]
+        # Queued, then one sendmmsg after the last handler of each batch.
+        assert seen == [False] * 8
     else:
         # One sendto per write, as stock Twisted does.
-        assert seen == [True, True, True]
+        assert seen == [True] * 8
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_slow_handler_replies_are_not_held_for_a_whole_batch(h: Harness, datapath: str) -> None:
+    """A handler taking milliseconds: the C path reads one datagram at a time,
+    so each reply leaves before the next datagram is even read (and a worker
+    killed mid-way has read only the datagram it was handling)."""
+    proto = Recorder(echo=False)
+    c = h.client()
+    c.setblocking(False)
+    arrived: list[bytes] = []
+
+    def slow_reply(datagram: bytes, addr: Any) -> None:
+        for _ in range(100):
+            try:
+                arrived.append(c.recv(100))
+            except BlockingIOError:
+                break
+        time.sleep(0.003)  # the handler's own work, not synchronisation
+        proto.transport.write(b"re:" + datagram, addr)
+
+    proto.reply = slow_reply
+    port, m = h.serve(datapath, proto)
+    port.stopReading()
+    for i in range(10):
+        c.sendto(b"%d" % i, m.getsockname())
+    h.spin(lambda: port.drain(20) == 0 and len(proto.received) == 10, "the datagrams")
+    # By the time the last datagram was handled, the replies to all but the
+    # last one or two had left (the first read's size is not yet adapted).
+    assert len(arrived) >= 8, arrived
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -772,3 +824,34 @@ def test_connection_refused_per_write_matches_stock(h: Harness, datapath: str) -
     assert abs(got[0] - want[0]) <= 2, (got, want)
     # Every write is accounted for: sent, or failed and counted.
     assert stats.tx_datagrams + stats.tx_errors == got[1]
+
+
+class _FailsToStop(Recorder):
+    def stopProtocol(self) -> None:
+        super().stopProtocol()
+        raise RuntimeError("flush to the database failed")
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_stop_listening_completes_when_stop_protocol_raises(
+    h: Harness, datapath: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="shardudp.port")
+    proto = _FailsToStop()
+    port, m = h.serve(datapath, proto)
+    own_fd = port.fileno()
+    fired: list[Any] = []
+    port.stopListening().addBoth(fired.append)
+    h.spin(lambda: bool(fired), "stopListening's Deferred")
+    # The worker's shutdown waits on this Deferred: it fires, the port's
+    # own socket is closed, and the error is logged once, with its traceback.
+    assert fired == [None]
+    assert proto.stopped == 1
+    with pytest.raises(OSError) as closed:
+        os.fstat(own_fd)
+    assert closed.value.errno == errno.EBADF
+    (record,) = [r for r in caplog.records if "flush to the database failed" in r.getMessage()]
+    assert record.exc_info is not None
+    c = h.client()
+    c.sendto(b"for the next worker", m.getsockname())
+    assert m.recvfrom(100)[0] == b"for the next worker"
