@@ -2,8 +2,9 @@
 
 Signal handlers only enqueue; the loop wakes on the signal fd, the worker
 pipes and the supervisor's next deadline, and carries out whatever the
-supervisor decides. The master never imports Twisted: each worker installs
-its own reactor after fork.
+supervisor decides. The master preloads Twisted's modules (so a replacement
+worker boots fast) but never installs a reactor: each worker installs its
+own after fork.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import selectors
@@ -20,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import notify, sockets, supervision, wire
+from . import logs, notify, sockets, supervision, wire
 from .config import ServerConfig
 from .errors import ExitCode, StartupError, WireError
 from .socketset import SlotSocket, SocketSet
@@ -84,11 +86,18 @@ class Master:
         if problems:
             raise StartupError(problems[0])
         for slot in range(self.cfg.workers):
-            self.sockets.open_slot(slot)
+            try:
+                self.sockets.open_slot(slot)
+            except OSError as exc:  # socket() itself: EMFILE, ENFILE, ENOBUFS
+                raise StartupError(f"cannot create the sockets of slot {slot}: "
+                                   f"{exc.strerror or exc}") from None
 
     def run(self) -> ExitCode:
         self.preflight()
-        preload_worker_modules()
+        try:
+            preload_worker_modules()
+        except OSError as exc:  # e.g. no file descriptor left to read a module
+            raise StartupError(f"cannot load Twisted: {exc}") from None
         try:
             self.open_sockets()
         except StartupError:
@@ -219,6 +228,7 @@ class Master:
     # -- worker pipes
 
     def _read_child(self, child: Child) -> None:
+        assert self.sup is not None
         try:
             data = os.read(child.from_fd, 65536)
         except BlockingIOError:
@@ -228,28 +238,31 @@ class Master:
             log.warning("worker pid=%d pipe error: %s", child.pid, exc)
         if not data:
             self._unregister(child)
+            self.apply(self.sup.pipe_closed(child.pid, self.clock()))
             return
         self._feed(child, data)
 
     def _feed(self, child: Child, data: bytes) -> None:
         assert self.sup is not None
-        try:
-            messages = child.decoder.feed(data)
-        except WireError as exc:
-            self._unregister(child)
-            self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
-            return
-        for msg in messages:
+        decoded = child.decoder.feed(data)
+        error = decoded.error
+        for msg in decoded.messages:  # the good frames before a bad one still count
             try:
                 self._on_message(child, msg)
             except WireError as exc:
-                self._unregister(child)
-                self.apply(self.sup.wire_fault(child.pid, str(exc), self.clock()))
-                return
+                error = exc
+                break
+        if error is not None:
+            self._unregister(child)
+            self.apply(self.sup.wire_fault(child.pid, str(error), self.clock()))
 
     def _on_message(self, child: Child, msg: wire.Message) -> None:
         assert self.sup is not None
         now = self.clock()
+        if isinstance(msg, wire.Log):
+            # Not a sign of life: any thread may log while the reactor is wedged.
+            logs.emit_worker(child.slot, child.pid, msg)
+            return
         self.apply(self.sup.heartbeat(child.pid, now))
         if isinstance(msg, wire.Hello):
             if (msg.pid, msg.slot, msg.incarnation) != (child.pid, child.slot, child.incarnation):
@@ -301,8 +314,10 @@ class Master:
             os.write(child.to_fd, wire.encode(msg))
         except OSError as exc:
             # A full or broken pipe means a wedged or dead worker: the
-            # supervisor's deadlines deal with it.
-            log.warning("cannot send %s to worker pid=%d: %s", msg.TAG, pid, exc)
+            # supervisor's deadlines deal with it. A worker that just exited
+            # (EPIPE) is no news.
+            log.log(logging.DEBUG if exc.errno == errno.EPIPE else logging.WARNING,
+                    "cannot send %s to worker pid=%d: %s", msg.TAG, pid, exc)
 
     def _kill(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -319,8 +334,12 @@ class Master:
     def _apply_one(self, a: Action) -> None:
         assert self.sup is not None
         if isinstance(a, supervision.Spawn):
-            pid = self._fork(a.slot, a.incarnation)
-            self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
+            try:
+                pid = self._fork(a.slot, a.incarnation)
+            except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the supervisor retries
+                self.apply(self.sup.spawn_failed(a.slot, exc.strerror or str(exc), self.clock()))
+            else:
+                self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
         elif isinstance(a, supervision.SendStop):
             self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
         elif isinstance(a, supervision.Kill):
@@ -328,8 +347,11 @@ class Master:
         elif isinstance(a, supervision.OpenSlot):
             try:
                 self.sockets.open_slot(a.slot)
-            except StartupError as exc:
-                log.error("cannot open sockets for new slot %d: %s", a.slot, exc)
+            except (StartupError, OSError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self.apply(self.sup.slot_open_failed(a.slot, reason))
+            else:
+                self.apply(self.sup.slot_opened(a.slot))
         elif isinstance(a, supervision.DetachSlot):
             self.sockets.detach_slot(a.slot)
         elif isinstance(a, supervision.CloseSlot):
@@ -351,15 +373,26 @@ class Master:
         elif isinstance(a, supervision.Exit):
             self.exit_code = a.code
             self.exit_reason = a.reason
+            if a.code != ExitCode.OK and logs.to_file():
+                # On stderr the command line prints the reason; say it once.
+                log.error("%s", a.reason)
 
     def _fork(self, slot: int, incarnation: int) -> int:
         if "twisted.internet.reactor" in sys.modules:
             # A reactor in the master would be inherited by every worker.
             log.error("BUG: a Twisted reactor was installed in the master before fork")
-        from_r, from_w = os.pipe()
-        to_r, to_w = os.pipe()
         slot_socks = self.sockets.for_slot(slot)
-        pid = os.fork()
+        made: list[int] = []
+        try:
+            from_r, from_w = os.pipe()
+            made += (from_r, from_w)
+            to_r, to_w = os.pipe()
+            made += (to_r, to_w)
+            pid = os.fork()
+        except OSError:
+            for fd in made:
+                os.close(fd)
+            raise
         if pid == 0:  # pragma: no cover - runs in the child
             self._become_worker(slot, incarnation, slot_socks, to_r, from_w)
         os.close(from_w)

@@ -18,6 +18,9 @@ from .errors import ExitCode
 #: count (and so its backoff) starts again from zero.
 STABLE_AFTER: Final = 10.0
 BACKOFF_BASE: Final = 0.5
+#: A worker's pipe reaches EOF a moment before the worker can be reaped, so
+#: an EOF is a fault only if the worker is still there this much later.
+PIPE_EOF_GRACE: Final = 1.0
 
 
 class WState(enum.Enum):
@@ -50,6 +53,8 @@ class Kill:
 
 @dataclasses.dataclass(frozen=True)
 class OpenSlot:
+    """Create the slot's sockets, then report ``slot_opened`` or ``slot_open_failed``."""
+
     slot: int
 
 
@@ -118,6 +123,8 @@ class Worker:
     stop_reason: str | None = None
     kill_at: float | None = None
     boot_error: str | None = None
+    #: When its pipe to us reached EOF while it should be running.
+    pipe_closed_at: float | None = None
 
 
 @dataclasses.dataclass
@@ -129,6 +136,7 @@ class Slot:
     spawn_at: float | None = None  # a scheduled (re)spawn
     spawning: bool = False  # a Spawn was emitted, its pid not yet known
     retiring: bool = False
+    opening: bool = False  # added by a scale-up; its sockets are not open yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +225,46 @@ class Supervisor:
             s.incoming = pid
         if self._stopping is not None:
             return self._request_stop(w, "shutdown", now, drain=False)
-        return []
+        return self._advance_reload(now)
+
+    def spawn_failed(self, slot: int, reason: str, now: float) -> list[Action]:
+        """A Spawn could not be carried out (no fds, no memory): a crash of that slot."""
+        s = self.slots.get(slot)
+        if s is None:
+            return []
+        s.spawning = False
+        if self._stopping is not None:
+            return self._maybe_exit()
+        if s.retiring:
+            return self._close_if_empty(s)
+        if s.current is not None:  # the replacement of a rolling reload
+            self._reload, self._reloading = [], False
+            return [Log("error", f"reload aborted: cannot start a new worker for slot {slot}: "
+                                 f"{reason}; old workers keep serving")]
+        return self._restart_later(s, f"cannot start a worker for slot={slot}: {reason}", now,
+                                   at_once=False)
+
+    def slot_opened(self, slot: int) -> list[Action]:
+        s = self.slots.get(slot)
+        if s is None or s.retiring:  # removed while its sockets were being made
+            return [CloseSlot(slot), *self._open_next()]
+        s.opening = False
+        out = [] if self._stopping is not None else self._spawn(s)
+        return out + self._open_next()
+
+    def slot_open_failed(self, slot: int, reason: str) -> list[Action]:
+        """A scale-up could not create a new slot's sockets: it stops there.
+
+        The failed slot and every later one of the scale-up are dropped (the
+        next ones would fail alike); the operator can ask again later.
+        """
+        cancelled = [i for i, s in self.slots.items() if s.opening]
+        for i in cancelled:
+            del self.slots[i]
+        self._reload = [i for i in self._reload if i in self.slots]
+        return [Log("error", f"cannot open sockets for new slot {slot}: {reason}; "
+                             f"scale-up stopped at {self.size} workers"),
+                *self._check_all_ready()]
 
     def heartbeat(self, pid: int, now: float) -> list[Action]:
         w = self.workers.get(pid)
@@ -248,14 +295,23 @@ class Supervisor:
             w.boot_error = reason
         return []
 
+    def pipe_closed(self, pid: int, now: float) -> list[Action]:
+        """EOF on the worker's pipe: it can no longer heartbeat or report.
+
+        Normally the worker is exiting and ``exited`` follows at once; one
+        still there after PIPE_EOF_GRACE is replaced by ``tick``.
+        """
+        w = self.workers.get(pid)
+        if w is not None and w.stop_reason is None and w.pipe_closed_at is None:
+            w.pipe_closed_at = now
+        return []
+
     def wire_fault(self, pid: int, reason: str, now: float) -> list[Action]:
         w = self.workers.get(pid)
         if w is None or w.stop_reason is not None:
             return []
-        out: list[Action] = [Log("error", f"worker slot={w.slot} pid={pid}: bad frame: {reason}; "
-                                          "replacing it")]
-        w.stop_reason, w.state, w.kill_at = "wire", WState.STOPPING, now + self.policy.kill_grace
-        return [*out, Kill(pid, "TERM")]
+        return self._replace(w, "wire", f"worker slot={w.slot} pid={pid}: bad frame: {reason}",
+                             now)
 
     def exited(self, pid: int, code: int | None, signal: int | None, now: float) -> list[Action]:
         w = self.workers.pop(pid, None)
@@ -280,14 +336,13 @@ class Supervisor:
         if self._stopping is not None:
             return out + self._maybe_exit()
 
+        # Only the worker's word (BootFailed, or its exit status 3) makes a boot
+        # failure; a death by signal while booting is a crash like any other.
         boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
-        if not self._ever_ready and w.state is WState.BOOTING and w.stop_reason is None:
-            # Before the server ever served, any death during boot is a bad APP
-            # or environment: halt with a distinct code instead of looping.
-            return out + self.shutdown(ExitCode.BOOT, w.boot_error or
-                                       f"worker slot={w.slot} {text} during boot", now)
+        if w.boot_error is not None:
+            text = f"failed to boot: {w.boot_error}"
         if boot and w.state is WState.BOOTING:
-            cause = w.boot_error or "worker exited during boot"
+            cause = w.boot_error or f"worker slot={w.slot} exited during boot"
             if not self._ever_ready:
                 # Before the server ever served, a boot failure is a bad APP or
                 # environment: halt with a distinct code instead of looping.
@@ -296,48 +351,41 @@ class Supervisor:
                 self._reload, self._reloading = [], False
                 return [*out, Log("error", f"reload aborted: new worker for slot {w.slot} failed "
                                            f"to boot: {cause}; old workers keep serving")]
-        if s is None or s.retiring:
-            if s is not None and s.current is None and s.incoming is None:
-                del self.slots[s.index]
-                out.append(CloseSlot(s.index))
+        if s is None:
             return out
+        if s.retiring:
+            return out + self._close_if_empty(s)
         if expected and s.current is not None:
             return out + self._advance_reload(now)
         # Unexpected: a crash, kill -9, timeout or bad frames.
         if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
             s.crashes = 0
-        s.crashes += 1
-        delay = backoff_delay(s.crashes, self.policy.backoff_max)
         msg = f"worker slot={w.slot} pid={pid} {text}"
         if w.stop_reason in ("timeout", "wire"):
             msg += f" after {w.stop_reason}"
-        out.append(Log("warning" if delay == 0 else "error",
-                       f"{msg}; restarting" + (f" in {delay:.1f}s" if delay else "")))
         out += self._check_all_ready()
-        if s.current is None:
-            s.spawn_at = now + delay
-            out += self.tick(now)
+        if s.current is not None:  # mid-reload: the slot still has a worker
+            out.append(Log("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}"))
+        else:
+            out += self._restart_later(s, msg, now)
         return out + self._advance_reload(now)
 
     def tick(self, now: float) -> list[Action]:
-        out: list[Action] = []
-        for s in list(self.slots.values()):
-            if (s.spawn_at is not None and now >= s.spawn_at and self._stopping is None
-                    and not s.retiring):
-                s.spawn_at = None
-                out += self._spawn(s)
+        out = self._spawn_due(now)
         for w in list(self.workers.values()):
-            if w.state is WState.STOPPING:
+            if (w.pipe_closed_at is not None and w.stop_reason is None
+                    and now >= w.pipe_closed_at + PIPE_EOF_GRACE):
+                out += self._replace(w, "wire", f"worker slot={w.slot} pid={w.pid} closed its "
+                                                "pipe to the master", now)
+                out += self._check_all_ready()
+            elif w.state is WState.STOPPING:
                 if w.kill_at is not None and now >= w.kill_at:
                     w.kill_at = None
                     out += [Log("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
                                            "time; killing"), Kill(w.pid, "KILL")]
             elif now - w.last_seen > self.policy.timeout:
-                w.state, w.stop_reason = WState.STOPPING, "timeout"
-                w.kill_at = now + self.policy.kill_grace
-                out += [Log("error", f"worker slot={w.slot} pid={w.pid} missed its heartbeat "
-                                     f"for {now - w.last_seen:.1f}s; replacing it"),
-                        Kill(w.pid, "TERM")]
+                out += self._replace(w, "timeout", f"worker slot={w.slot} pid={w.pid} missed its "
+                                                   f"heartbeat for {now - w.last_seen:.1f}s", now)
                 out += self._check_all_ready()
         return out
 
@@ -350,6 +398,8 @@ class Supervisor:
                     times.append(w.kill_at)
             else:
                 times.append(w.last_seen + self.policy.timeout)
+                if w.pipe_closed_at is not None:
+                    times.append(w.pipe_closed_at + PIPE_EOF_GRACE)
         return min(times) if times else None
 
     # -- commands (signals and the control socket)
@@ -359,10 +409,15 @@ class Supervisor:
             return []
         self._stopping, self._stop_reason = code, reason
         self._reload = []
-        level = "info" if code == ExitCode.OK else "error"
-        out: list[Action] = [Log(level, f"stopping: {reason}")]
+        # A failure's reason is said once, by whoever reports the Exit.
+        out: list[Action] = [Log("info", f"stopping: {reason}") if code == ExitCode.OK else
+                             Log("warning", f"stopping: {code.name.lower()} failure, "
+                                                f"exit code {int(code)}")]
+        # Nothing new arrives from here on, and what is queued gets answered.
+        out += [DetachSlot(i) for i, s in sorted(self.slots.items())
+                if not s.retiring and not s.opening]
         for w in list(self.workers.values()):
-            out += self._request_stop(w, "shutdown", now, drain=False)
+            out += self._request_stop(w, "shutdown", now, drain=True)
         return out + self._maybe_exit()
 
     def reload(self, now: float) -> list[Action]:
@@ -370,9 +425,15 @@ class Supervisor:
             return []
         if self._reloading:
             return [Log("warning", "reload already in progress; ignored")]
-        self._reload = sorted(self.slots)
+        for s in self.slots.values():
+            if s.spawn_at is not None:
+                # Down and waiting out its backoff: the new code deserves a
+                # fresh start now, not after the old code's crash count.
+                s.crashes, s.spawn_at = 0, now
+        self._reload = sorted(i for i, s in self.slots.items()
+                              if s.current is not None and not s.retiring)
         self._reloading = True
-        return [Log("info", f"rolling reload of {len(self._reload)} slots"),
+        return [Log("info", f"rolling reload of {self.size} slots"), *self._spawn_due(now),
                 *self._advance_reload(now)]
 
     def scale(self, n: int, now: float) -> list[Action]:
@@ -385,9 +446,11 @@ class Supervisor:
         if n > len(live):
             nxt = max(self.slots, default=-1) + 1
             out.append(Log("info", f"scaling up from {len(live)} to {n} workers"))
+            busy = any(s.opening for s in self.slots.values())
             for i in range(nxt, nxt + n - len(live)):
-                self.slots[i] = Slot(i)
-                out += [OpenSlot(i), *self._spawn(self.slots[i])]
+                self.slots[i] = Slot(i, opening=True)
+            if not busy:  # else the chain under way reaches the new ones
+                out += self._open_next()
             self._all_ready = False
         elif n < len(live):
             out.append(Log("info", f"scaling down from {len(live)} to {n} workers"))
@@ -400,8 +463,9 @@ class Supervisor:
                     out += self._request_stop(self.workers[pid], "scale", now, drain=True)
                 if not pids and not s.spawning:
                     del self.slots[i]
-                    out += [Log("warning", f"slot {i} had no worker to drain its queue"),
-                            CloseSlot(i)]
+                    if not s.opening:
+                        out.append(Log("warning", f"slot {i} had no worker to drain its queue"))
+                    out.append(CloseSlot(i))
         self._reload = [i for i in self._reload if i in self.slots and not self.slots[i].retiring]
         return out + self._check_all_ready()
 
@@ -410,6 +474,48 @@ class Supervisor:
         return sum(1 for s in self.slots.values() if not s.retiring)
 
     # -- internals
+
+    def _spawn_due(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for s in list(self.slots.values()):
+            if (s.spawn_at is not None and now >= s.spawn_at and self._stopping is None
+                    and not s.retiring):
+                s.spawn_at = None
+                out += self._spawn(s)
+        return out
+
+    def _restart_later(self, s: Slot, what: str, now: float, *, at_once: bool = True
+                       ) -> list[Action]:
+        """Count a crash of ``s`` and schedule its respawn after the backoff.
+
+        ``at_once=False`` skips the immediate first retry, even with a zero
+        cap: what failed to fork (fds, memory) rarely frees up on the spot.
+        """
+        s.crashes += 1
+        delay = backoff_delay(s.crashes if at_once else s.crashes + 1, self.policy.backoff_max)
+        if not at_once:
+            delay = max(delay, BACKOFF_BASE)
+        out: list[Action] = [Log("warning" if delay == 0 else "error",
+                                 f"{what}; restarting" + (f" in {delay:.1f}s" if delay else ""))]
+        s.spawn_at = now + delay
+        # A reload need not replace it again: the respawn loads the new code.
+        self._reload = [i for i in self._reload if i != s.index]
+        return out + self._spawn_due(now)
+
+    def _replace(self, w: Worker, why: str, text: str, now: float) -> list[Action]:
+        """TERM a faulty worker (KILL after the grace); ``exited`` replaces it."""
+        w.stop_reason, w.state, w.kill_at = why, WState.STOPPING, now + self.policy.kill_grace
+        return [Log("error", f"{text}; replacing it"), Kill(w.pid, "TERM")]
+
+    def _close_if_empty(self, s: Slot) -> list[Action]:
+        if s.current is None and s.incoming is None and not s.spawning:
+            del self.slots[s.index]
+            return [CloseSlot(s.index)]
+        return []
+
+    def _open_next(self) -> list[Action]:
+        pending = [i for i, s in self.slots.items() if s.opening]
+        return [OpenSlot(min(pending))] if pending else []
 
     def _spawn(self, s: Slot) -> list[Action]:
         self._incarnation += 1

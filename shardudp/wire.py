@@ -23,11 +23,16 @@ VERSION: Final = 1
 #: or garbage.
 MAX_FRAME: Final = 1 << 20
 _HEADER: Final = struct.Struct(">I")
+#: Longest text a Log message carries; longer text is cut by ``Log.bounded``.
+LOG_TEXT_MAX: Final = 16384
+LOG_NAME_MAX: Final = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Message:
     TAG: ClassVar[str] = ""
+    #: Longest accepted value of a string field, by field name.
+    MAX_LEN: ClassVar[dict[str, int]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,29 @@ class BootFailed(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Log(Message):
+    """One log record of a worker; the master re-emits it tagged with slot and pid.
+
+    ``text`` is the formatted message including any traceback.
+    """
+
+    TAG: ClassVar[str] = "log"
+    MAX_LEN: ClassVar[dict[str, int]] = {"name": LOG_NAME_MAX, "text": LOG_TEXT_MAX}
+    level: int
+    name: str
+    text: str
+    created: float
+
+    @classmethod
+    def bounded(cls, level: int, name: str, text: str, created: float) -> Log:
+        """A Log whose strings fit ``MAX_LEN``: long text keeps its head and says so."""
+        if len(text) > LOG_TEXT_MAX:
+            keep = LOG_TEXT_MAX - 64  # room for the note
+            text = f"{text[:keep]} [... {len(text) - keep} characters cut]"
+        return cls(level, name[:LOG_NAME_MAX], text, created)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stop(Message):
     """Master -> worker: stop gracefully within ``timeout`` seconds.
 
@@ -99,7 +127,8 @@ class Activate(Message):
 
 
 _TYPES: Final[dict[str, type[Message]]] = {
-    cls.TAG: cls for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Stop, Activate)
+    cls.TAG: cls
+    for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Log, Stop, Activate)
 }
 _PY_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "int": (int,),
@@ -120,7 +149,8 @@ def encode(msg: Message) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def _check_field(tag: str, name: str, type_name: str, value: object) -> None:
+def _check_field(cls: type[Message], name: str, type_name: str, value: object) -> None:
+    tag = cls.TAG
     allowed = _PY_TYPES[type_name]
     # bool is an int subclass: a True where an int belongs is a schema error.
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
@@ -129,6 +159,9 @@ def _check_field(tag: str, name: str, type_name: str, value: object) -> None:
         raise WireError(f"{tag}.{name}: expected a list of strings")
     if type_name == "dict[str, Any]" and not all(isinstance(k, str) for k in value):  # type: ignore[attr-defined]
         raise WireError(f"{tag}.{name}: expected string keys")
+    limit = cls.MAX_LEN.get(name)
+    if limit is not None and len(value) > limit:  # type: ignore[arg-type]
+        raise WireError(f"{tag}.{name}: longer than {limit} characters")
 
 
 def _parse_untrusted_payload(payload: bytes) -> Message:
@@ -153,7 +186,7 @@ def _parse_untrusted_payload(payload: bytes) -> Message:
             if field.default is dataclasses.MISSING:
                 raise WireError(f"{tag}: missing field {name!r}")
             continue
-        _check_field(tag, name, str(field.type), body[name])
+        _check_field(cls, name, str(field.type), body[name])
         kwargs[name] = body[name]
     return cls(**kwargs)
 
@@ -170,14 +203,16 @@ def unpack_untrusted(payload: bytes) -> object:
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(f"undecodable msgpack frame: {exc}") from None
+        # Some (StackError on deep nesting) carry no text: the type is the news.
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise WireError(f"undecodable msgpack frame: {detail}") from None
 
 
 class FrameSplitter:
     """Cut a byte stream into length-prefixed payloads.
 
-    After a ``WireError`` the stream is unusable (framing is lost): the
-    caller must drop the peer.
+    After an error the stream is unusable (framing is lost): the caller must
+    drop the peer.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
@@ -185,31 +220,53 @@ class FrameSplitter:
         self._max = max_frame
         self._broken: str | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def split(self, data: bytes) -> tuple[list[bytes], WireError | None]:
+        """Every whole payload before the first problem, and that problem."""
         if self._broken is not None:
-            raise WireError(f"stream already broken: {self._broken}")
+            return [], WireError(f"stream already broken: {self._broken}")
         self._buf += data
         out: list[bytes] = []
         buf = self._buf
         while len(buf) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buf)
             if size > self._max:
-                self._broken = f"frame of {size} bytes exceeds the {self._max}-byte limit"
-                raise WireError(self._broken)
+                reason = f"frame of {size} bytes exceeds the {self._max}-byte limit"
+                self.fail(reason)
+                return out, WireError(reason)
             end = _HEADER.size + size
             if len(buf) < end:
                 break
             out.append(bytes(buf[_HEADER.size : end]))
             del buf[:end]
+        return out, None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Like ``split``, but raise the problem (dropping the payloads before it)."""
+        out, error = self.split(data)
+        if error is not None:
+            raise error
         return out
 
     def fail(self, reason: str) -> None:
         self._broken = reason
+        self._buf.clear()
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """What one ``Decoder.feed`` produced.
+
+    ``messages`` are the good ones, in order, up to ``error`` (the first bad
+    frame); after an error every later feed reports the stream as broken.
+    """
+
+    messages: list[Message]
+    error: WireError | None = None
 
 
 class Decoder:
@@ -218,15 +275,16 @@ class Decoder:
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._frames = FrameSplitter(max_frame)
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes) -> Decoded:
+        payloads, error = self._frames.split(data)
         out = []
-        for payload in self._frames.feed(data):
+        for payload in payloads:
             try:
                 out.append(_parse_untrusted_payload(payload))
             except WireError as exc:
                 self._frames.fail(str(exc))
-                raise
-        return out
+                return Decoded(out, exc)
+        return Decoded(out, error)
 
     @property
     def pending(self) -> int:

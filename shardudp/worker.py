@@ -1,8 +1,9 @@
 """The worker: an I/O shell run in the child right after fork.
 
-Order matters: forget the master's state (signals, fds), install our own
-reactor, say hello, build the protocols, adopt the sockets, say READY. Only
-this module (imported after fork) touches Twisted; the master never does.
+Order matters: route logging into our pipe, forget the master's state
+(signals, fds), install our own reactor, say hello, build the protocols,
+adopt the sockets, say READY. Only this module (imported after fork)
+installs a reactor; the master merely preloads Twisted's modules.
 """
 
 from __future__ import annotations
@@ -16,23 +17,32 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Final
 
 from . import logs, wire
-from .errors import ExitCode, WireError
+from .errors import ExitCode
 from .socketset import SlotSocket
 from .stats import ListenerStats
 
 log = logging.getLogger("shardudp.worker")
 
 PR_SET_PDEATHSIG: Final = 1
-#: Bound of one drain: a scale-down reads at most this many queued datagrams.
+#: Bound of one drain: a stopping worker reads at most this many queued datagrams.
 DRAIN_LIMIT: Final = 1_000_000
+DRAIN_CHUNK: Final = 1024
 #: Pending pipe bytes past which periodic frames are dropped, not queued:
 #: they are cumulative, so the next one supersedes a lost one.
 PIPE_BACKLOG: Final = 256 * 1024
+#: Log records are dropped sooner, so they never crowd out heartbeats.
+LOG_BACKLOG: Final = 64 * 1024
+#: How long a worker whose master died may take to stop.
+ORPHAN_GRACE: Final = 2.0
+#: The process-level deadline (SIGALRM) trails the reactor's own by this much.
+BACKSTOP_MARGIN: Final = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +72,7 @@ def load_app(spec: str) -> Callable[[], Any]:
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
+    except BaseException as exc:  # an APP calling sys.exit() at import still gets a reason
         raise AppError(f"cannot import {module_name!r} (from APP {spec!r}): "
                        f"{type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
@@ -79,7 +89,7 @@ def load_app(spec: str) -> Callable[[], Any]:
     def build() -> Any:
         try:
             proto = obj()
-        except Exception as exc:
+        except BaseException as exc:
             raise AppError(f"APP {spec!r} raised while being built: "
                            f"{type(exc).__name__}: {exc}") from None
         if not isinstance(proto, AbstractDatagramProtocol):
@@ -112,32 +122,61 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(ExitCode.ERROR)
 
 
+def _arm_backstop(seconds: float) -> None:
+    """Die by SIGALRM in ``seconds`` unless an earlier deadline is already armed.
+
+    The graceful stop runs in the reactor; a reactor blocked in user code
+    never gets there, and an orphan has nobody to KILL it. The kernel timer
+    needs no Python code to run.
+    """
+    left = signal.getitimer(signal.ITIMER_REAL)[0]
+    if left == 0 or left > seconds:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
 class PipeWriter:
-    """Non-blocking frames to the master; never wedges the reactor."""
+    """Non-blocking frames to the master; never wedges the reactor.
+
+    Thread-safe: log records may come from any thread. ``on_error`` hears of
+    a write error other than EAGAIN once; the writer is dead afterwards.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buf = bytearray()
+        self.broken = False
+        self.on_error: Callable[[OSError], None] | None = None
+        self._lock = threading.Lock()
         os.set_blocking(fd, False)
 
-    def send(self, msg: wire.Message, *, droppable: bool = False) -> None:
-        if droppable and len(self.buf) > PIPE_BACKLOG:
-            return
-        self.buf += wire.encode(msg)
+    def send(self, msg: wire.Message, *, droppable: bool = False,
+             backlog: int = PIPE_BACKLOG) -> bool:
+        """Queue and try to write ``msg``; False if it was dropped."""
+        with self._lock:
+            if self.broken or (droppable and len(self.buf) > backlog):
+                return False
+            self.buf += wire.encode(msg)
         self.flush()
+        return True
 
     def flush(self) -> None:
-        while self.buf:
+        with self._lock:
+            error = self._flush_locked()
+        if error is not None and self.on_error is not None:
+            self.on_error(error)
+
+    def _flush_locked(self) -> OSError | None:
+        while self.buf and not self.broken:
             try:
                 n = os.write(self.fd, self.buf)
             except BlockingIOError:
-                return
+                return None
             except OSError as exc:
-                if exc.errno == errno.EPIPE:
-                    self.buf.clear()  # master gone; the EOF on our reader stops us
-                    return
-                raise
+                self.broken = True
+                self.buf.clear()
+                return exc
             del self.buf[:n]
+        return None
 
     def flush_blocking(self, timeout: float) -> None:
         import select
@@ -145,16 +184,17 @@ class PipeWriter:
         deadline_polls = max(1, int(timeout / 0.05))
         for _ in range(deadline_polls):
             self.flush()
-            if not self.buf:
+            if not self.buf or self.broken:
                 return
             select.select([], [self.fd], [], 0.05)
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, reactor: Any) -> None:
+    def __init__(self, spec: WorkerSpec, reactor: Any, out: PipeWriter) -> None:
         self.spec = spec
         self.reactor = reactor
-        self.out = PipeWriter(spec.write_fd)
+        self.out = out
+        out.on_error = self._pipe_failed
         self.decoder = wire.Decoder()
         self.ports: dict[str, Any] = {}
         self.kinds: dict[str, str] = {}
@@ -179,23 +219,31 @@ class Worker:
         if not data:
             self.reactor.removeReader(self)
             log.warning("master went away; stopping")
-            self.stop(min(2.0, self.spec.graceful_timeout), drain=False)
+            self.stop(min(ORPHAN_GRACE, self.spec.graceful_timeout), drain=False)
             return
-        try:
-            messages = self.decoder.feed(data)
-        except WireError as exc:
-            log.error("bad frame from the master (%s); stopping", exc)
-            self.reactor.removeReader(self)
-            self.stop(self.spec.graceful_timeout, drain=False)
-            return
-        for msg in messages:
+        decoded = self.decoder.feed(data)
+        for msg in decoded.messages:
             if isinstance(msg, wire.Stop):
                 self.stop(msg.timeout, drain=msg.drain)
             elif isinstance(msg, wire.Activate):
                 self.activate(msg.listener, msg.active)
+        if decoded.error is not None:
+            log.error("bad frame from the master (%s); stopping", decoded.error)
+            self.reactor.removeReader(self)
+            self.stop(self.spec.graceful_timeout, drain=False)
 
     def connectionLost(self, reason: object) -> None:
         pass
+
+    def _pipe_failed(self, exc: OSError) -> None:
+        if exc.errno == errno.EPIPE:
+            return  # the master is gone: the EOF on our reader stops us
+        # Nothing reaches the master any more, not even this line's log record.
+        with contextlib.suppress(OSError):
+            os.write(2, f"shardudp: worker slot={self.spec.slot} pid={os.getpid()}: "
+                        f"pipe to the master failed: {exc}; stopping\n".encode())
+        self.reactor.callFromThread(self.stop, min(ORPHAN_GRACE, self.spec.graceful_timeout),
+                                    drain=False)
 
     # -- lifecycle
 
@@ -248,16 +296,28 @@ class Worker:
         self.stopping = True
         # Our own deadline too: the master may be gone and cannot KILL us.
         self.reactor.callLater(timeout, self._hard_exit)
+        _arm_backstop(timeout + BACKSTOP_MARGIN)
         if drain:
-            for name, port in self.ports.items():
-                if self.kinds[name] != "single":
-                    n = port.drain(DRAIN_LIMIT)
-                    if n:
-                        log.info("drained %d queued datagrams from %s", n, name)
+            # Half the deadline at most: stopProtocol and the last report need time too.
+            self._drain(time.monotonic() + timeout / 2)
         from twisted.internet import defer
 
         waits = [d for d in (port.stopListening() for port in self.ports.values()) if d]
         defer.DeferredList(waits).addBoth(lambda _: self.reactor.stop())
+
+    def _drain(self, deadline: float) -> None:
+        """Answer what is queued in our sockets (the master took them out of their groups)."""
+        for name, port in self.ports.items():
+            if self.kinds[name] == "single":
+                continue  # shared with the next leader, which reads it
+            total = 0
+            for _ in range(DRAIN_LIMIT // DRAIN_CHUNK):
+                n = port.drain(DRAIN_CHUNK)
+                total += n
+                if n < DRAIN_CHUNK or time.monotonic() >= deadline:
+                    break
+            if total:
+                log.info("drained %d queued datagrams from %s", total, name)
 
     def _hard_exit(self) -> None:
         log.error("graceful stop took longer than its deadline; exiting")
@@ -267,12 +327,16 @@ class Worker:
     def _finish(self) -> None:
         self.report(final=True)
         self.out.flush_blocking(1.0)
-        logs.flush_worker()
 
 
 def _install_signals(worker: Worker) -> None:
     def on_term(signum: int, frame: object) -> None:
-        worker.reactor.callFromThread(worker.stop, worker.spec.graceful_timeout, drain=False)
+        timeout = worker.spec.graceful_timeout
+        if os.getppid() != worker.spec.master_pid:  # PDEATHSIG: nobody waits for us
+            timeout = min(ORPHAN_GRACE, timeout)
+        # Armed here, not in stop(): a reactor stuck in user code never runs stop().
+        _arm_backstop(timeout + BACKSTOP_MARGIN)
+        worker.reactor.callFromThread(worker.stop, timeout, drain=False)
 
     signal.signal(signal.SIGTERM, on_term)
     _ignore_group_signals()
@@ -287,16 +351,20 @@ def _ignore_group_signals() -> None:
 
 def run(spec: WorkerSpec) -> int:
     """Run one worker to completion; returns its exit status."""
-    logs.setup_worker(spec.slot)
-    # print() in a protocol should show up now, not when a buffer fills.
+    out = PipeWriter(spec.write_fd)
+    logs.setup_worker(spec.slot, lambda m: out.send(m, droppable=True, backlog=LOG_BACKLOG))
+    # print() in a protocol should show up now, not when a buffer fills, and
+    # as one write per line: every worker shares the master's stdout, and
+    # with PYTHONUNBUFFERED (write_through) print() writes the text and its
+    # newline separately, so two workers' lines would interleave mid-line.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            stream.reconfigure(line_buffering=True, write_through=False)  # type: ignore[union-attr]
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM):
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
     _ignore_group_signals()
-    keep = {0, 1, 2, spec.read_fd, spec.write_fd} | logs.worker_fds()
+    keep = {0, 1, 2, spec.read_fd, spec.write_fd}
     keep |= {ss.sock.fileno() for ss in spec.sockets}
     # Before dropping privileges: after setuid /proc/self/fd is not ours to list.
     _close_foreign_fds(keep)
@@ -319,7 +387,7 @@ def run(spec: WorkerSpec) -> int:
     _die_with_master(spec.master_pid)
     observer: Any = STDLibLogObserver()
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    worker = Worker(spec, reactor)
+    worker = Worker(spec, reactor, out)
     worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))
 
     try:
@@ -332,7 +400,7 @@ def run(spec: WorkerSpec) -> int:
             reason += (f" (the worker runs as uid {spec.run_as[0]}: is the Python installation "
                        "and the APP readable by that user?)")
         return _boot_failed(worker, reason)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit from startProtocol is a boot failure too
         tb = traceback.format_exc(limit=-3)
         log.debug("boot failure detail:\n%s", tb)
         return _boot_failed(worker, f"{type(exc).__name__}: {exc}")
@@ -353,5 +421,4 @@ def run(spec: WorkerSpec) -> int:
 def _boot_failed(worker: Worker, reason: str) -> int:
     worker.out.send(wire.BootFailed(reason=reason))
     worker.out.flush_blocking(1.0)
-    logs.flush_worker()
     return ExitCode.BOOT

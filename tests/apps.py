@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import struct
 import time
 
 from twisted.internet.protocol import DatagramProtocol
+
+log = logging.getLogger("apps")
+
+
+def _my_pipe_fd() -> int:
+    """The worker's pipe to the master (found the way a buggy APP might)."""
+    from shardudp.worker import Worker
+
+    return next(obj.out.fd for obj in gc.get_objects() if isinstance(obj, Worker))
 
 
 class WhoAmI(DatagramProtocol):
@@ -41,7 +52,18 @@ class Misbehave(DatagramProtocol):
             raise ValueError("asked to raise")
         if data == b"exit":
             os._exit(7)
+        if data == b"wedge-chatty":  # a thread keeps logging: still no heartbeat
+            import threading
+
+            def chatter():
+                for i in range(100_000):
+                    log.info("thread still here %d", i)
+                    time.sleep(0.01)
+
+            threading.Thread(target=chatter, daemon=True).start()
+            data = b"wedge"
         if data == b"wedge":
+            log.warning("wedging")
             time.sleep(3600)
         if data == b"block-and-exit":
             # O_NONBLOCK lives on the shared open file: the replacement
@@ -49,11 +71,20 @@ class Misbehave(DatagramProtocol):
             self.transport.socket.setblocking(True)
             os._exit(7)
         if data == b"corrupt":
-            from shardudp.worker import Worker
+            os.write(_my_pipe_fd(), b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")
+            return
+        if data == b"close-pipe":  # the next write to the master fails (EBADF)
+            os.close(_my_pipe_fd())
+            return
+        if data == b"null-pipe":  # the master sees EOF; our writes still "succeed"
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, _my_pipe_fd())
+            os.close(null)
+            return
+        if data == b"oversize":
+            from shardudp import wire
 
-            for obj in gc.get_objects():
-                if isinstance(obj, Worker):
-                    os.write(obj.out.fd, b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")
+            os.write(_my_pipe_fd(), struct.pack(">I", wire.MAX_FRAME + 1))
             return
         self.transport.write(data, addr)
 
@@ -111,3 +142,73 @@ class Upper(DatagramProtocol):
 
     def datagramReceived(self, data, addr):
         self.transport.write(data.upper(), addr)
+
+
+class Chatty(DatagramProtocol):
+    """Echo that logs numbered lines in bursts for as long as it runs."""
+
+    def startProtocol(self):
+        from twisted.internet import task
+
+        self.n = 0
+        self.loop = task.LoopingCall(self.chat)
+        self.loop.start(0.01)
+
+    def chat(self):
+        for _ in range(25):
+            self.n += 1
+            log.info("chat %d", self.n)
+
+    def stopProtocol(self):
+        self.loop.stop()
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class Slow(DatagramProtocol):
+    """Echo taking 2 ms per datagram, so a burst stays queued for a while."""
+
+    def datagramReceived(self, data, addr):
+        time.sleep(0.002)  # the app's own work
+        self.transport.write(data, addr)
+
+
+class StuckStop(DatagramProtocol):
+    """Echo whose stopProtocol never returns in time."""
+
+    def stopProtocol(self):
+        time.sleep(60)
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class CrashAfterReady(DatagramProtocol):
+    """Exits (code 5) right after READY while $CRASH_FILE counts fewer than $CRASHES boots."""
+
+    def startProtocol(self):
+        from twisted.internet import reactor
+
+        path = os.environ["CRASH_FILE"]
+        with open(path, "a+") as f:
+            f.write("boot\n")
+            f.seek(0)
+            boots = len(f.read().split())
+        if boots <= int(os.environ["CRASHES"]):
+            reactor.callLater(0, os._exit, 5)
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class Printer(DatagramProtocol):
+    """print()s a burst of numbered lines when it starts (the seed's apps print)."""
+
+    LINES = 300
+
+    def startProtocol(self):
+        pid = os.getpid()
+        for i in range(self.LINES):
+            print(f"printer {pid} {i:04d} " + "x" * 60)
+        print(f"printer {pid} done")

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,9 +69,7 @@ class Server:
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None, prefix: Sequence[str] = ()) -> None:
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
-        full_env.pop("NOTIFY_SOCKET", None)
+        full_env = child_env()
         # Each server its own control socket: tests and benches may overlap.
         self.control = f"/tmp/shardudp-test-{os.getpid()}-{next(_COUNTER)}.sock"
         full_env["SHARDUDP_CONTROL"] = self.control
@@ -113,9 +111,13 @@ class Server:
         """Wait until ``count`` log lines from index ``start`` match ``pattern``."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        found: list[re.Match[str]] = []
+        seen = start
         with self._cond:
             while True:
-                found = [m for ln in self.lines[start:] if (m := rx.search(ln))]
+                # Only lines not scanned yet: a chatty server logs thousands.
+                found += [m for ln in self.lines[seen:] if (m := rx.search(ln))]
+                seen = len(self.lines)
                 if len(found) >= count:
                     return found[:count]
                 left = deadline - time.monotonic()
@@ -159,6 +161,35 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+
+
+def child_env(extra_path: Sequence[Path] = ()) -> dict[str, str]:
+    """The environment a shardudp subprocess gets: this checkout and tests/ importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (ROOT, TESTS, *extra_path))
+    env.pop("NOTIFY_SOCKET", None)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m shardudp ARGS`` to completion in its own session.
+
+    The session is recorded, so the leak check also covers what it started.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "shardudp", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or child_env(), cwd=ROOT, start_new_session=True,
+                            preexec_fn=preexec_fn)
+    STARTED_SESSIONS.add(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=5)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @contextlib.contextmanager
@@ -269,6 +300,5 @@ class Flows:
 
 
 def ctl(srv: Server, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SHARDUDP_CONTROL=srv.control)
-    return subprocess.run([sys.executable, "-m", "shardudp", "ctl", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    env = dict(child_env(), SHARDUDP_CONTROL=srv.control)
+    return run_cli("ctl", *args, env=env, timeout=timeout)

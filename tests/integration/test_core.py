@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
-import sys
+from pathlib import Path
 
+import apps
 import pytest
-from harness import ROOT, Flows, Server, serving, session_pids, wait_pid_gone
+from harness import (
+    ROOT,
+    Flows,
+    Server,
+    child_env,
+    free_port,
+    run_cli,
+    serving,
+    session_pids,
+    wait_pid_gone,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,32 +97,88 @@ def test_hup_picks_up_code_changes(tmp_path) -> None:
         assert flows.collect(1, 5)[0][1] == b"v2"
 
 
-def test_term_stops_in_time_and_stop_protocol_ran_everywhere(tmp_path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_term_stops_in_time_and_stop_protocol_ran_everywhere(tmp_path, sig: int) -> None:
     marker = tmp_path / "marks"
     with serving("apps:Marker", workers=3, env={"MARKER_FILE": str(marker)},
                  extra=["--graceful-timeout", "5"]) as (srv, _port):
         pids = set(srv.ready_pids(count=3).values())
-        srv.signal(signal.SIGTERM)
+        srv.signal(sig)
         assert srv.wait_exit(timeout=8) == 0
+        assert f"stopping: {signal.Signals(sig).name} received" in srv.log
     lines = marker.read_text().split("\n")
     assert {int(ln.split()[1]) for ln in lines if ln.startswith("stop")} == pids
     assert {int(ln.split()[1]) for ln in lines if ln.startswith("start")} == pids
 
 
-def test_kill_9_of_the_master_leaves_no_worker() -> None:
-    with serving("workers.echo:Echo", workers=3) as (srv, _port):
+def test_worker_stuck_past_the_graceful_deadline_is_killed_and_the_stop_completes() -> None:
+    with serving("apps:StuckStop", workers=2, extra=["--graceful-timeout", "1"]) as (srv, _port):
+        pids = srv.ready_pids(count=2)
+        mark = srv.mark()
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit(timeout=10) == 0
+        for slot, pid in pids.items():
+            srv.wait_line(rf"worker slot={slot} pid={pid} did not stop in time; killing",
+                          start=mark)
+        assert "Traceback" not in srv.log
+
+
+def test_term_answers_every_datagram_queued_before_it() -> None:
+    # 2 ms per datagram: most of the burst is still queued when TERM arrives,
+    # well past what one read event delivers (256).
+    with serving("apps:Slow", workers=1) as (srv, port), Flows(20, port) as flows:
+        srv.ready_pids(count=1)
+        sent = 600
+        for i in range(sent):
+            flows.send(i % 20, b"q%04d" % i)
+        srv.signal(signal.SIGTERM)
+        got = {data for _, data in flows.collect(sent, timeout=15)}
+        assert srv.wait_exit(timeout=15) == 0
+        assert len(got) == sent
+        assert "did not stop in time" not in srv.log
+
+
+@pytest.mark.parametrize("app", ["workers.echo:Echo", "apps:Chatty"])
+def test_kill_9_of_the_master_leaves_no_worker_and_no_traceback(app: str) -> None:
+    with serving(app, workers=3) as (srv, _port):
         pids = list(srv.ready_pids(count=3).values())
+        if app == "apps:Chatty":  # mid-stream
+            srv.wait_line(rf"\[{pids[0]}\] \[\d\] INFO apps: chat 100$")
         os.kill(srv.pid, signal.SIGKILL)
         for pid in pids:
             assert wait_pid_gone(pid, 5), f"worker {pid} outlived its master"
         assert session_pids(srv.pid) == []
+        srv.wait_exit(5)  # and the output is complete
+        assert "Traceback" not in srv.log, srv.log[-3000:]
+        assert "BrokenPipe" not in srv.log, srv.log[-3000:]
 
 
-def _run_fail(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    return subprocess.run([sys.executable, "-m", "shardudp", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT,
-                          stdin=subprocess.DEVNULL)
+def test_wedged_worker_is_gone_soon_after_a_kill_9_of_its_master() -> None:
+    with serving("apps:Misbehave", workers=1) as (srv, port), Flows(1, port) as flows:
+        pid = srv.ready_pids()[0]
+        flows.send(0, b"wedge")
+        srv.wait_line(rf"\[{pid}\] \[0\] WARNING apps: wedging")
+        os.kill(srv.pid, signal.SIGKILL)
+        # The reactor never runs again; the worker's own timer ends it.
+        assert wait_pid_gone(pid, 8), "a wedged worker outlived its master"
+
+
+def test_a_worker_killed_mid_log_stream_does_not_silence_the_others() -> None:
+    with serving("apps:Chatty", workers=2, extra=["--graceful-timeout", "10"]) as (srv, _port):
+        ready = srv.ready_pids(count=2)
+        victim, other = ready[0], ready[1]
+        srv.wait_line(rf"\[{victim}\] \[0\] INFO apps: chat 300$")
+        os.kill(victim, signal.SIGKILL)
+        mark = srv.mark()
+        srv.wait_line(rf"slot=0 pid={victim} killed by signal 9", start=mark)
+        after = srv.mark()
+        # The survivor's records keep arriving, and so do the replacement's.
+        srv.wait_line(rf"\[{other}\] \[1\] INFO apps: chat \d+$", start=after, count=100)
+        new = srv.ready_pids(start=mark)[0]
+        srv.wait_line(rf"\[{new}\] \[0\] INFO apps: chat \d+$", start=mark, count=100)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit(timeout=15) == 0
+        assert "did not stop in time" not in srv.log
 
 
 def _assert_clean_error(res: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
@@ -120,39 +189,64 @@ def _assert_clean_error(res: subprocess.CompletedProcess[str], code: int, needle
     assert any(needle in ln for ln in errors), out
 
 
+BAD_APPS = {
+    "raise_at_import": "raise RuntimeError('settings.ini is missing')\n",
+    "exit_at_import": "import sys\nsys.exit('no licence key')\n",
+    "interrupt_at_import": "raise KeyboardInterrupt\n",
+}
+
+
 @pytest.mark.parametrize(("app", "needle"), [
     ("no_such_module:Echo", "cannot import 'no_such_module'"),
+    ("raise_at_import:P", "RuntimeError: settings.ini is missing"),
+    ("exit_at_import:P", "SystemExit: no licence key"),
+    ("interrupt_at_import:P", "cannot import 'interrupt_at_import'"),
     ("apps:Nope", "has no attribute 'Nope'"),
     ("apps:broken_factory", "raised while being built: RuntimeError: the database is down"),
     ("apps:NotAProtocol", "not a DatagramProtocol subclass"),
 ])
-def test_boot_failures_halt_with_exit_code_3_and_one_clear_line(app: str, needle: str) -> None:
-    from harness import free_port
-
-    res = _run_fail("run", app, "--bind", f"127.0.0.1:{free_port()}", "--workers", "2")
+def test_boot_failures_halt_with_exit_code_3_and_one_clear_line(tmp_path: Path, app: str,
+                                                                needle: str) -> None:
+    for name, code in BAD_APPS.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    res = run_cli("run", app, "--bind", f"127.0.0.1:{free_port()}", "--workers", "2",
+                  env=child_env([tmp_path]))
     _assert_clean_error(res, 3, needle)
+    out = (res.stdout + res.stderr).splitlines()
+    assert len([ln for ln in out if needle in ln]) == 1, "\n".join(out)
+    assert "Broken pipe" not in res.stderr
+
+
+def test_boot_failure_with_a_log_file_names_the_cause_once_there_and_once_on_stderr(
+        tmp_path: Path) -> None:
+    log_file = tmp_path / "shardudp.log"
+    res = run_cli("run", "apps:broken_factory", "--bind", f"127.0.0.1:{free_port()}",
+                  "--log-file", str(log_file))
+    _assert_clean_error(res, 3, "the database is down")
+    assert res.stderr.count("the database is down") == 1
+    assert log_file.read_text().count("the database is down") == 1
 
 
 def test_port_in_use_by_someone_else() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
         other.bind(("127.0.0.1", 0))
         port = other.getsockname()[1]
-        res = _run_fail("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}")
+        res = run_cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}")
     _assert_clean_error(res, 1, "already in use")
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "localhost:99", "1.2.3.4.5:1", "[::1]:70000",
                                   "::1:53"])
 def test_bad_bind_is_a_usage_error(bind: str) -> None:
-    res = _run_fail("run", "workers.echo:Echo", "--bind", bind)
+    res = run_cli("run", "workers.echo:Echo", "--bind", bind)
     _assert_clean_error(res, 2, "--bind")
 
 
 def test_second_server_on_a_served_port_refuses() -> None:
     with serving("workers.echo:Echo", workers=2) as (_srv, port):
-        res = _run_fail("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}")
+        res = run_cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}")
         _assert_clean_error(res, 1, "already in use")
-        res = _run_fail("run", "workers.echo:Echo", "--bind", f"0.0.0.0:{port}")
+        res = run_cli("run", "workers.echo:Echo", "--bind", f"0.0.0.0:{port}")
         _assert_clean_error(res, 1, "already in use")
 
 
@@ -181,6 +275,20 @@ def test_handler_exception_does_not_kill_the_worker() -> None:
         srv.wait_line("asked to raise")
 
 
+def test_crash_loop_restarts_with_growing_delays_then_serves(tmp_path: Path) -> None:
+    env = {"CRASH_FILE": str(tmp_path / "boots"), "CRASHES": "4"}
+    with serving("apps:CrashAfterReady", workers=1, env=env) as (srv, port), \
+            Flows(1, port) as flows:
+        lines = srv.wait_line(r"slot=0 pid=\d+ exited with code 5; restarting(?: in (\S+)s)?$",
+                              count=4)
+        delays = [float(m.group(1) or 0) for m in lines]
+        assert delays == sorted(delays) and len(set(delays)) == 4, delays
+        srv.ready_pids(count=5)
+        flows.send(0, b"alive")
+        assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
+        assert (tmp_path / "boots").read_text().split() == ["boot"] * 5
+
+
 def test_crashing_worker_is_replaced_in_its_slot() -> None:
     with serving("apps:Misbehave", workers=1) as (srv, port), Flows(1, port) as flows:
         mark = srv.mark()
@@ -206,27 +314,58 @@ def test_blocking_mode_left_by_a_dead_worker_does_not_wedge_its_replacement() ->
         assert "missed its heartbeat" not in srv.log
 
 
-def test_wedged_worker_misses_heartbeat_and_is_replaced() -> None:
+@pytest.mark.parametrize("cmd", [b"wedge", b"wedge-chatty"])
+def test_wedged_worker_misses_heartbeat_and_is_replaced(cmd: bytes) -> None:
     with serving("apps:Misbehave", workers=1, extra=["--timeout", "1.5",
                                                      "--graceful-timeout", "1"]) as (srv, port), \
             Flows(1, port) as flows:
         mark = srv.mark()
-        flows.send(0, b"wedge")
+        flows.send(0, cmd)
         srv.wait_line("missed its heartbeat", start=mark, timeout=10)
         srv.ready_pids(start=mark, timeout=15)
         flows.send(0, b"alive")
         assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
 
 
-def test_corrupt_frame_from_a_worker_gets_it_replaced() -> None:
+@pytest.mark.parametrize(("cmd", "problem"), [
+    (b"corrupt", "undecodable msgpack frame"),
+    (b"oversize", "exceeds the 1048576-byte limit"),
+])
+def test_bad_frame_from_a_worker_gets_it_replaced(cmd: bytes, problem: str) -> None:
     with serving("apps:Misbehave", workers=1) as (srv, port), Flows(1, port) as flows:
         mark = srv.mark()
-        flows.send(0, b"corrupt")
-        srv.wait_line("bad frame", start=mark)
+        flows.send(0, cmd)
+        srv.wait_line(rf"slot=0 pid=\d+: bad frame: .*{problem}.*; replacing it", start=mark)
         srv.ready_pids(start=mark)
         flows.send(0, b"alive")
         assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
         assert srv.proc.poll() is None
+
+
+def test_worker_whose_pipe_the_master_sees_closed_is_replaced() -> None:
+    with serving("apps:Misbehave", workers=1) as (srv, port), Flows(1, port) as flows:
+        pid = srv.ready_pids()[0]
+        mark = srv.mark()
+        flows.send(0, b"null-pipe")
+        srv.wait_line(rf"worker slot=0 pid={pid} closed its pipe to the master; replacing it",
+                      start=mark)
+        srv.ready_pids(start=mark)
+        flows.send(0, b"alive")
+        assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
+
+
+def test_worker_that_cannot_write_to_the_master_stops_cleanly_and_is_replaced() -> None:
+    with serving("apps:Misbehave", workers=1) as (srv, port), Flows(1, port) as flows:
+        pid = srv.ready_pids()[0]
+        mark = srv.mark()
+        flows.send(0, b"close-pipe")
+        srv.wait_line(rf"shardudp: worker slot=0 pid={pid}: pipe to the master failed: "
+                      r"\[Errno 9\] Bad file descriptor; stopping", start=mark)
+        srv.ready_pids(start=mark)
+        flows.send(0, b"alive")
+        assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
+        assert "Traceback" not in srv.log
+        assert "Unhandled error" not in srv.log
 
 
 def test_ttin_and_ttou_add_and_remove_a_worker() -> None:
@@ -280,3 +419,60 @@ def test_each_worker_holds_only_its_own_slot_socket() -> None:
             assert len(mine) == 1, (pid, mine)
             seen.append(mine.pop())
         assert len(set(seen)) == 3
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
+def test_out_of_file_descriptors_on_scale_up_is_one_line_and_the_server_carries_on() -> None:
+    with serving("apps:WhoAmI", workers=2) as (srv, port), Flows(40, port) as flows:
+        srv.ready_pids(count=2)
+        soft, hard = resource.prlimit(srv.pid, resource.RLIMIT_NOFILE)
+        free = _lowest_free_fd(srv.pid)
+        # No fd left: the new slot's socket cannot be created.
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (free, hard))
+        mark = srv.mark()
+        srv.signal(signal.SIGTTIN)
+        srv.wait_line(r"ERROR .*cannot open sockets for new slot 2: Too many open files; "
+                      r"scale-up stopped at 2 workers$", start=mark)
+        # One fd left: the socket opens, the worker's pipes cannot.
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (free + 1, hard))
+        mark = srv.mark()
+        srv.signal(signal.SIGTTIN)
+        srv.wait_line(r"ERROR .*cannot start a worker for slot=2: Too many open files; "
+                      r"restarting in \S+s$", start=mark)
+        for i in range(40):
+            flows.send(i, b"q%02d" % i)
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # The retry succeeds; what queued in slot 2 meanwhile is answered too.
+        srv.wait_line(r"worker slot=2 pid=\d+ ready", start=mark)
+        assert len(flows.collect(40, 10)) == 40
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit() == 0
+        assert "Traceback" not in srv.log
+        failures = [ln for ln in srv.lines[mark:] if "Too many open files" in ln]
+        assert len(failures) == 1, failures
+
+
+def test_too_few_file_descriptors_for_the_sockets_at_startup_is_one_clear_line() -> None:
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))
+
+    # 16 sockets cannot fit under 12 fds, whatever else the master holds.
+    res = run_cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
+                  "--workers", "16", "--control", "none", preexec_fn=low_limit)
+    _assert_clean_error(res, 1, "Too many open files")
+    assert len([ln for ln in res.stderr.splitlines() if "Too many open files" in ln]) == 1
+
+
+def test_prints_from_workers_arrive_as_whole_lines() -> None:
+    """Workers share the master's stdout; under PYTHONUNBUFFERED each print()
+    must still be one write, or two workers' lines interleave mid-line."""
+    with serving("apps:Printer", workers=2, env={"PYTHONUNBUFFERED": "1"}) as (srv, _):
+        srv.wait_line(r"^printer \d+ done$", count=2)
+        lines = [ln for ln in srv.lines if "printer" in ln]
+    whole = [ln for ln in lines if re.fullmatch(r"printer \d+ \d{4} x{60}|printer \d+ done", ln)]
+    assert whole == lines
+    assert len(whole) == 2 * (apps.Printer.LINES + 1)

@@ -6,12 +6,15 @@ import pytest
 
 from shardudp.errors import ExitCode
 from shardudp.supervision import (
+    PIPE_EOF_GRACE,
     AllReady,
     CloseSlot,
     DetachSlot,
     Exit,
     Kill,
     Lead,
+    Log,
+    OpenSlot,
     Policy,
     Retired,
     SendStop,
@@ -24,23 +27,42 @@ POLICY = Policy(timeout=10.0, graceful_timeout=5.0, backoff_max=8.0)
 
 
 class Harness:
-    """Plays the master: turns Spawn actions into pids."""
+    """Plays the master: turns Spawn actions into pids, opens slots.
+
+    ``fail_fork`` / ``fail_open`` make the next Spawn / OpenSlot fail.
+    """
 
     def __init__(self, workers: int = 2) -> None:
         self.now = 0.0
         self.next_pid = 100
+        self.fail_fork = 0
+        self.fail_open = 0
         self.sup = Supervisor(workers, POLICY, self.now)
         self.actions: list[object] = []
         self.feed(self.sup.start())
 
     def feed(self, actions: list[object]) -> list[object]:
+        out = self._carry_out(actions)
+        self.actions += out
+        return out
+
+    def _carry_out(self, actions: list[object]) -> list[object]:
         out = []
         for a in actions:
             out.append(a)
-            if isinstance(a, Spawn):
+            if isinstance(a, Spawn) and self.fail_fork:
+                self.fail_fork -= 1
+                out += self._carry_out(self.sup.spawn_failed(a.slot, "Too many open files",
+                                                             self.now))
+            elif isinstance(a, Spawn):
                 self.next_pid += 1
-                out += self.feed(self.sup.spawned(a.slot, a.incarnation, self.next_pid, self.now))
-        self.actions += out
+                out += self._carry_out(self.sup.spawned(a.slot, a.incarnation, self.next_pid,
+                                                        self.now))
+            elif isinstance(a, OpenSlot) and self.fail_open:
+                self.fail_open -= 1
+                out += self._carry_out(self.sup.slot_open_failed(a.slot, "Too many open files"))
+            elif isinstance(a, OpenSlot):
+                out += self._carry_out(self.sup.slot_opened(a.slot))
         return out
 
     def pids(self) -> dict[int, int]:
@@ -55,6 +77,10 @@ class Harness:
 
     def of(self, kind: type) -> list[object]:
         return [a for a in self.actions if isinstance(a, kind)]
+
+
+def messages(out: list[object]) -> list[str]:
+    return [a.message for a in out if isinstance(a, Log)]
 
 
 def test_start_spawns_every_slot_and_all_ready_fires_once() -> None:
@@ -235,3 +261,209 @@ def test_leader_moves_when_it_dies() -> None:
     out = h.feed(h.sup.exited(leads[0], None, 9, h.now))
     new = [a.pid for a in out if isinstance(a, Lead)]
     assert len(new) == 1 and new[0] != leads[0] and new[0] in h.sup.workers
+
+
+def test_kill_9_of_a_booting_worker_before_first_ready_is_a_crash_not_a_boot_failure() -> None:
+    h = Harness(2)
+    pid = h.pids()[0]
+    out = h.feed(h.sup.exited(pid, None, 9, h.now))
+    assert not any(isinstance(a, Exit) for a in out)
+    assert not h.sup.stopping
+    assert [a.slot for a in out if isinstance(a, Spawn)] == [0]
+    assert [a.reason for a in out if isinstance(a, Retired)] == ["signal"]
+    # ...while exit status 3 (the worker's own verdict) still halts.
+    out = h.feed(h.sup.exited(h.pids()[1], int(ExitCode.BOOT), None, h.now))
+    assert h.sup.stopping
+    assert not any(isinstance(a, Spawn) for a in out)
+
+
+def test_failed_boot_after_service_says_why_in_the_restart_message() -> None:
+    h = Harness(1)
+    h.ready_all()
+    h.feed(h.sup.exited(h.pids()[0], None, 9, h.now))
+    for _ in range(3):
+        pid = h.pids()[0]
+        h.feed(h.sup.boot_failed(pid, "cannot import 'app': SyntaxError: invalid syntax"))
+        out = h.feed(h.sup.exited(pid, int(ExitCode.BOOT), None, h.now))
+        restart = [m for m in messages(out) if "restarting" in m]
+        assert len(restart) == 1
+        assert "failed to boot: cannot import 'app': SyntaxError" in restart[0]
+        h.now = h.sup.next_deadline() or h.now
+        h.feed(h.sup.tick(h.now))
+    assert "restarting in 1.0s" in " ".join(messages(h.actions))
+
+
+def _crash_until_backing_off(h: Harness, slot: int) -> None:
+    for _ in range(5):
+        pid = h.pids().get(slot)
+        if pid is None:
+            return
+        h.feed(h.sup.exited(pid, 1, None, h.now))
+    raise AssertionError("slot never went into backoff")
+
+
+def test_reload_respawns_a_slot_waiting_out_its_backoff_at_once() -> None:
+    h = Harness(2)
+    h.ready_all()
+    _crash_until_backing_off(h, 1)
+    assert h.sup.slots[1].spawn_at is not None and h.sup.slots[1].spawn_at > h.now
+    out = h.feed(h.sup.reload(h.now))
+    # The down slot starts now, not after its backoff.
+    assert [a.slot for a in out if isinstance(a, Spawn)][:1] == [1]
+    assert h.sup.slots[1].spawn_at is None
+    assert h.sup.slots[1].crashes == 0
+    h.ready_all()
+    # The serving slot is rolled as usual; the reload then completes.
+    old0 = next(p for p, w in h.sup.workers.items() if w.slot == 0 and w.stop_reason)
+    out = h.feed(h.sup.exited(old0, 0, None, h.now))
+    assert "reload complete" in messages(out)
+    assert h.sup.healthy()
+    assert all(s.spawn_at is None for s in h.sup.slots.values())
+
+
+def test_a_crash_during_reload_does_not_stall_it() -> None:
+    h = Harness(2)
+    h.ready_all()
+    old = h.pids()
+    h.feed(h.sup.reload(h.now))
+    h.feed(h.sup.exited(old[1], None, 9, h.now))  # slot 1 dies before its turn
+    new0 = h.sup.slots[0].incoming
+    h.feed(h.sup.ready(new0, h.now))
+    out = h.feed(h.sup.exited(old[0], 0, None, h.now))
+    # Slot 1's respawn already runs the new code: it is not replaced again.
+    assert not any(isinstance(a, Spawn) for a in out)
+    assert "reload complete" in messages(out)
+    h.ready_all()
+    assert h.sup.healthy()
+
+
+def test_spawn_failure_is_a_crash_of_the_slot_retried_after_a_backoff() -> None:
+    h = Harness(1)
+    h.ready_all()
+    h.fail_fork = 2
+    out = h.feed(h.sup.exited(h.pids()[0], None, 9, h.now))
+    failed = [m for m in messages(out) if "cannot start a worker for slot=0" in m]
+    assert len(failed) == 1 and "Too many open files" in failed[0]
+    # Not retried on the spot: the retry waits at least BACKOFF_BASE.
+    assert h.sup.next_deadline() is not None and h.sup.next_deadline() > h.now
+    assert not h.sup.slots[0].spawning
+    h.now = h.sup.next_deadline() or 0.0
+    out = h.feed(h.sup.tick(h.now))
+    assert len([m for m in messages(out) if "cannot start a worker" in m]) == 1
+    delays = [float(m.rsplit(" in ", 1)[1].rstrip("s")) for m in messages(h.actions)
+              if "cannot start a worker" in m]
+    assert delays[1] > delays[0] > 0
+    h.now = h.sup.next_deadline() or 0.0
+    h.feed(h.sup.tick(h.now))
+    h.ready_all()
+    assert h.sup.healthy()
+
+
+def test_spawn_failure_of_a_reload_replacement_aborts_the_reload() -> None:
+    h = Harness(2)
+    h.ready_all()
+    old = h.pids()
+    h.fail_fork = 1
+    out = h.feed(h.sup.reload(h.now))
+    assert any("reload aborted: cannot start a new worker for slot 0" in m for m in messages(out))
+    assert h.pids() == old
+    assert h.sup.next_deadline() == h.now + POLICY.timeout  # nothing scheduled but heartbeats
+    assert h.feed(h.sup.reload(h.now))  # a later reload is accepted
+
+
+def test_spawn_failure_while_stopping_still_exits() -> None:
+    h = Harness(1)
+    h.ready_all()
+    pid = h.pids()[0]
+    h.fail_fork = 1
+    h.feed(h.sup.exited(pid, None, 9, h.now))
+    h.feed(h.sup.shutdown(ExitCode.OK, "SIGTERM received", h.now))
+    assert h.of(Exit) == [Exit(ExitCode.OK, "SIGTERM received")]
+
+
+def test_scale_up_opens_each_slot_before_spawning_it() -> None:
+    h = Harness(1)
+    h.ready_all()
+    out = h.feed(h.sup.scale(3, h.now))
+    kinds = [(type(a).__name__, a.slot) for a in out if isinstance(a, (OpenSlot, Spawn))]
+    assert kinds == [("OpenSlot", 1), ("Spawn", 1), ("OpenSlot", 2), ("Spawn", 2)]
+    h.ready_all()
+    assert h.sup.healthy() and h.sup.size == 3
+
+
+def test_scale_up_whose_sockets_cannot_be_opened_stops_there_and_spawns_nothing() -> None:
+    h = Harness(2)
+    h.ready_all()
+    h.fail_open = 1
+    out = h.feed(h.sup.scale(4, h.now))
+    assert not any(isinstance(a, Spawn) for a in out)
+    assert [m for m in messages(out) if "cannot open sockets" in m] == [
+        "cannot open sockets for new slot 2: Too many open files; scale-up stopped at 2 workers"]
+    assert sorted(h.sup.slots) == [0, 1]
+    assert h.sup.size == 2
+    assert h.sup.healthy()
+    assert any(isinstance(a, AllReady) for a in out)
+    # Only the second slot fails: the first is kept and served.
+    h.fail_open = 0
+    h.feed(h.sup.scale(3, h.now))
+    h.ready_all()
+    assert sorted(h.sup.slots) == [0, 1, 2] and h.sup.healthy()
+
+
+def test_pipe_eof_of_an_exiting_worker_is_not_a_fault() -> None:
+    h = Harness(1)
+    h.ready_all()
+    pid = h.pids()[0]
+    h.feed(h.sup.pipe_closed(pid, h.now))
+    out = h.feed(h.sup.exited(pid, None, 9, h.now + 0.01))
+    assert [a.reason for a in out if isinstance(a, Retired)] == ["signal"]
+    assert not any("pipe" in m for m in messages(out))
+
+
+def test_pipe_eof_of_a_live_worker_gets_it_replaced() -> None:
+    h = Harness(1)
+    h.ready_all()
+    pid = h.pids()[0]
+    h.now = 1.0
+    h.feed(h.sup.pipe_closed(pid, h.now))
+    assert h.sup.next_deadline() == pytest.approx(h.now + PIPE_EOF_GRACE)
+    h.now += PIPE_EOF_GRACE
+    out = h.feed(h.sup.tick(h.now))
+    assert Kill(pid, "TERM") in out
+    assert any("closed its pipe to the master; replacing it" in m for m in messages(out))
+    assert not h.sup.healthy()
+    out = h.feed(h.sup.exited(pid, None, 15, h.now))
+    assert [a.reason for a in out if isinstance(a, Retired)] == ["wire"]
+    assert [a.slot for a in out if isinstance(a, Spawn)] == [0]
+
+
+def test_pipe_eof_of_a_stopping_worker_is_ignored() -> None:
+    h = Harness(1)
+    h.ready_all()
+    pid = h.pids()[0]
+    h.feed(h.sup.shutdown(ExitCode.OK, "SIGTERM received", h.now))
+    h.feed(h.sup.pipe_closed(pid, h.now))
+    out = h.feed(h.sup.tick(h.now + PIPE_EOF_GRACE))
+    assert not any(isinstance(a, Kill) for a in out)
+
+
+def test_shutdown_detaches_every_slot_and_asks_workers_to_drain() -> None:
+    h = Harness(2)
+    h.ready_all()
+    pids = h.pids()
+    out = h.feed(h.sup.shutdown(ExitCode.OK, "SIGTERM received", h.now))
+    assert [a.slot for a in out if isinstance(a, DetachSlot)] == [0, 1]
+    stops = [a for a in out if isinstance(a, SendStop)]
+    assert {a.pid for a in stops} == set(pids.values())
+    assert all(a.drain and a.timeout == POLICY.graceful_timeout for a in stops)
+    first_stop = next(i for i, a in enumerate(out) if isinstance(a, SendStop))
+    assert all(i < first_stop for i, a in enumerate(out) if isinstance(a, DetachSlot))
+
+
+def test_a_failure_stop_does_not_repeat_its_reason_in_the_log() -> None:
+    h = Harness(1)
+    pid = h.pids()[0]
+    h.feed(h.sup.boot_failed(pid, "cannot import 'x'"))
+    out = h.feed(h.sup.exited(pid, int(ExitCode.BOOT), None, h.now))
+    assert out[-1] == Exit(ExitCode.BOOT, "cannot import 'x'")
+    assert not any("cannot import" in m for m in messages(h.actions))

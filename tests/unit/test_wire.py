@@ -16,6 +16,7 @@ ALL = [
         slot=1, incarnation=2, seq=3, listeners={"udp": {"rx_datagrams": 5, "errors": {"value": 1}}}
     ),
     wire.BootFailed(reason="cannot import 'x'"),
+    wire.Log(level=30, name="twisted", text="line one\nTraceback ...", created=1.7e9),
     wire.Stop(timeout=2.5, drain=True),
     wire.Stop(timeout=1),
     wire.Activate(listener="disc", active=False),
@@ -24,7 +25,7 @@ ALL = [
 
 @pytest.mark.parametrize("msg", ALL, ids=lambda m: m.TAG)
 def test_every_message_round_trips(msg: wire.Message) -> None:
-    assert wire.Decoder().feed(wire.encode(msg)) == [msg]
+    assert wire.Decoder().feed(wire.encode(msg)) == wire.Decoded([msg])
 
 
 def test_byte_at_a_time_yields_each_message_exactly_when_complete() -> None:
@@ -32,7 +33,9 @@ def test_byte_at_a_time_yields_each_message_exactly_when_complete() -> None:
     d = wire.Decoder()
     out: list[wire.Message] = []
     for i in range(len(stream)):
-        out += d.feed(stream[i : i + 1])
+        got = d.feed(stream[i : i + 1])
+        assert got.error is None
+        out += got.messages
     assert out == ALL
     assert d.pending == 0
 
@@ -40,9 +43,9 @@ def test_byte_at_a_time_yields_each_message_exactly_when_complete() -> None:
 def test_many_messages_in_one_chunk_and_split_header() -> None:
     a, b = wire.encode(ALL[0]), wire.encode(ALL[2])
     d = wire.Decoder()
-    assert d.feed(a + b[:2]) == [ALL[0]]
+    assert d.feed(a + b[:2]).messages == [ALL[0]]
     assert d.pending == 2
-    assert d.feed(b[2:]) == [ALL[2]]
+    assert d.feed(b[2:]).messages == [ALL[2]]
 
 
 def frame(obj: object) -> bytes:
@@ -64,6 +67,8 @@ def frame(obj: object) -> bytes:
         (frame([1, "hb", {"seq": "1"}]), "hb.seq: expected int, got str"),
         (frame([1, "hb", {"seq": True}]), "hb.seq: expected int, got bool"),
         (frame([1, "hb", {"seq": 1, "x": 2}]), "unknown fields ['x']"),
+        (frame([1, "log", {"level": 20, "name": "n", "text": 5, "created": 1.0}]),
+         "log.text: expected str, got int"),
         (frame([1, "ready", {"pid": 1, "listeners": [1]}]), "list of strings"),
         (
             frame([1, "metrics", {"slot": 1, "incarnation": 1, "seq": 1, "listeners": {1: 2}}]),
@@ -71,21 +76,73 @@ def frame(obj: object) -> bytes:
         ),
     ],
 )
-def test_corrupt_input_raises_wire_error_naming_the_problem(data: bytes, needle: str) -> None:
+def test_corrupt_input_reports_a_wire_error_naming_the_problem(data: bytes, needle: str) -> None:
     d = wire.Decoder()
-    with pytest.raises(WireError, match=None) as info:
-        d.feed(data)
-    assert needle in str(info.value)
+    got = d.feed(data)
+    assert got.messages == []
+    assert isinstance(got.error, WireError)
+    assert needle in str(got.error)
     # The stream is broken for good: framing cannot be recovered.
-    with pytest.raises(WireError, match="already broken"):
-        d.feed(wire.encode(ALL[2]))
+    later = d.feed(wire.encode(ALL[2]))
+    assert later.messages == []
+    assert "already broken" in str(later.error)
 
 
-def test_garbage_byte_at_a_time_fails_cleanly() -> None:
+@pytest.mark.parametrize("bad", [
+    struct.pack(">I", 3) + b"\xc1\xc1\xc1",
+    frame([1, "hb", {"seq": "x"}]),
+    struct.pack(">I", wire.MAX_FRAME + 1),
+], ids=["garbage", "schema", "oversized"])
+def test_good_messages_before_a_bad_frame_are_still_delivered(bad: bytes) -> None:
+    # e.g. a worker's last metrics report followed by garbage: the report counts.
+    good = [ALL[3], ALL[2]]
+    got = wire.Decoder().feed(b"".join(wire.encode(m) for m in good) + bad)
+    assert got.messages == good
+    assert got.error is not None
+
+
+def test_corrupt_stream_byte_at_a_time_delivers_the_good_prefix_then_fails_once() -> None:
+    stream = wire.encode(ALL[0]) + struct.pack(">I", 4) + b"\xff\xff\xff\xff" + wire.encode(ALL[2])
     d = wire.Decoder()
-    with pytest.raises(WireError):
-        for b in b"\x00\x00\x00\x04\xff\xff\xff\xff":
-            d.feed(bytes([b]))
+    messages: list[wire.Message] = []
+    errors = []
+    for i in range(len(stream)):
+        got = d.feed(stream[i : i + 1])
+        messages += got.messages
+        if got.error is not None:
+            errors.append(str(got.error))
+    assert messages == [ALL[0]]
+    assert "undecodable" in errors[0]
+    assert all("already broken" in e for e in errors[1:])
+
+
+def test_deeply_nested_msgpack_names_the_error_type() -> None:
+    payload = b"\x91" * 100_000 + b"\xc0"
+    got = wire.Decoder().feed(struct.pack(">I", len(payload)) + payload)
+    assert got.error is not None
+    text = str(got.error)
+    detail = text.split("undecodable msgpack frame:", 1)[1].strip()
+    assert detail, text  # never an empty reason
+    assert "Error" in detail
+
+
+def test_log_text_is_bounded_and_says_how_much_was_cut() -> None:
+    msg = wire.Log.bounded(40, "x" * 1000, "A" * 100_000, 1.0)
+    assert len(msg.text) <= wire.LOG_TEXT_MAX
+    assert len(msg.name) <= wire.LOG_NAME_MAX
+    assert msg.text.startswith("A" * 1000)
+    assert "characters cut]" in msg.text
+    assert wire.Decoder().feed(wire.encode(msg)).messages == [msg]
+    short = wire.Log.bounded(20, "n", "hello", 2.0)
+    assert short == wire.Log(level=20, name="n", text="hello", created=2.0)
+
+
+def test_an_over_long_log_from_a_peer_is_refused() -> None:
+    data = frame([1, "log", {"level": 20, "name": "n", "text": "A" * (wire.LOG_TEXT_MAX + 1),
+                             "created": 1.0}])
+    got = wire.Decoder().feed(data)
+    assert got.messages == []
+    assert "log.text: longer than" in str(got.error)
 
 
 def test_encoding_an_oversized_message_is_refused() -> None:
