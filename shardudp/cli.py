@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
 import os
+import pwd
 import sys
 import urllib.error
 import urllib.request
@@ -28,7 +30,9 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the effective merged config as JSON and exit")
     for s in config.SETTINGS:
-        if s.key == "app":
+        if s.switch:
+            p.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
+                           help=s.help)
             continue
         # Values stay strings here: config.build validates every source alike.
         p.add_argument(s.flag, dest=s.key, metavar=s.metavar or None,
@@ -41,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the server")
-    run.add_argument("app", nargs="?", metavar="APP",
-                     help=config.BY_KEY["app"].help)
+    run.add_argument("app_arg", nargs="?", metavar="APP",
+                     help=config.BY_KEY["app"].help + " Same as --app.")
     _add_settings(run)
 
     check = sub.add_parser("check", help="validate the configuration without binding anything")
-    check.add_argument("app", nargs="?", metavar="APP", help=argparse.SUPPRESS)
+    check.add_argument("app_arg", nargs="?", metavar="APP", help="as for run")
     _add_settings(check)
 
     sub.add_parser("settings", help="print every setting as a markdown table")
@@ -61,22 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_args(status)
 
     health = sub.add_parser("health", help="exit 0 iff the server's /healthz answers 200")
-    health.add_argument("--metrics", required=True, metavar="HOST:PORT")
+    health.add_argument("--metrics", required=True, metavar="HOST:PORT",
+                        help="the server's metrics address; PORT alone means 127.0.0.1:PORT")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     return p
 
 
 def _add_control_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", metavar="PATH",
-                   help="control socket (default: $SHARDUDP_CONTROL, else the server's default)")
+                   help="control socket (default: $SHARDUDP_CONTROL, else the config file's "
+                        "control, else the server's default)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the server's TOML file, to find its control socket")
     p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    setting = args.control or os.environ.get("SHARDUDP_CONTROL") or "auto"
+    setting, label = config.lookup("control", file_text=_read_config(args.config),
+                                   environ=os.environ, cli={"control": args.control})
     path = control.resolve_path(setting)
     if path is None:
-        raise ConfigError("--control: 'none' disables the control socket; nothing to talk to")
+        raise ConfigError(f"{label}: 'none' disables the control socket; nothing to talk to")
     return path
 
 
@@ -96,10 +105,18 @@ def format_status(st: dict[str, object]) -> str:
                      _fmt(sl["tx"]), _fmt(sl["rx_rate"]), _fmt(sl["drops"]),
                      _fmt(sl["heartbeat_age"], "s ago")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    silent = st.get("silent_slots") or []
+    health = "healthy" if st["healthy"] else "NOT READY"
+    if silent:
+        health += f" (silent: slot {', '.join(str(s) for s in silent)})"  # type: ignore[attr-defined]
     head = (f"master pid {st['master_pid']}, up {_fmt(st['uptime'], 's')}, "
-            f"{st['workers']} workers, {'healthy' if st['healthy'] else 'NOT READY'}")
+            f"{st['workers']} workers, {health}")
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
+    by_listener = st.get("listener_drops") or {}
+    if by_listener:
+        lines.append("drops by listener: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(by_listener.items())))  # type: ignore[attr-defined]
     return head + "\n" + "\n".join(lines)
 
 
@@ -136,17 +153,61 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _read_config(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def load_config(args: argparse.Namespace,
                 environ: dict[str, str] | None = None) -> config.ServerConfig:
-    file_text = None
-    if args.config:
-        try:
-            file_text = Path(args.config).read_text()
-        except OSError as exc:
-            raise ConfigError(f"--config {args.config}: {exc.strerror or exc}") from None
+    """The merged, validated config, checked against this host too."""
     cli_values = {s.key: getattr(args, s.key, None) for s in config.SETTINGS}
-    return config.build(file_text=file_text, environ=os.environ if environ is None else environ,
-                        cli=cli_values, cpu_count=usable_cpus())
+    # The positional APP is the usual spelling of --app.
+    if args.app_arg is not None:
+        if args.app is not None and args.app != args.app_arg:
+            raise ConfigError(f"APP {args.app_arg} and --app {args.app} disagree: give one")
+        cli_values["app"] = args.app_arg
+    cfg = config.build(file_text=_read_config(args.config),
+                       environ=os.environ if environ is None else environ,
+                       cli=cli_values, cpu_count=usable_cpus())
+    check_host(cfg)
+    return cfg
+
+
+def check_host(cfg: config.ServerConfig) -> None:
+    """What the pure config cannot know: this host's users, groups and directories."""
+    errors = []
+    if cfg.user is not None:
+        try:
+            pwd.getpwnam(cfg.user)
+        except KeyError:
+            errors.append(f"{cfg.label('user')}: no such user {cfg.user!r}")
+    if cfg.group is not None:
+        try:
+            grp.getgrnam(cfg.group)
+        except KeyError:
+            errors.append(f"{cfg.label('group')}: no such group {cfg.group!r}")
+    if cfg.log_file is not None and (why := _cannot_append(Path(cfg.log_file))):
+        errors.append(f"{cfg.label('log_file')}: {why}")
+    if errors:
+        raise ConfigError(errors)
+
+
+def _cannot_append(path: Path) -> str | None:
+    """Why logging could not append to ``path``, found without creating anything."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    if not path.parent.is_dir():
+        return f"directory {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot create {path.name} in {path.parent} (not writable)"
+    return None
 
 
 def _print_errors(exc: ConfigError) -> None:
@@ -166,7 +227,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
     from .server import Server
 
-    logs.setup_master(cfg.log_level, cfg.log_file)
+    try:
+        logs.setup_master(cfg.log_level, cfg.log_file)
+    except OSError as exc:
+        # check_host saw it fine: the file changed since, or access() was too kind.
+        raise ConfigError(f"{cfg.label('log_file')}: cannot open {cfg.log_file}: "
+                          f"{exc.strerror or exc}") from None
     server = Server(cfg)
     code = server.run()
     if code != ExitCode.OK and server.exit_reason:
@@ -185,13 +251,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     try:
-        addr = config.parse_address(args.metrics)
+        addr = config.BY_KEY["metrics"].parse(args.metrics)
     except ValueError as exc:
         raise ConfigError(f"--metrics: {exc}") from None
-    host = f"[{addr.host}]" if ":" in addr.host else addr.host
-    url = f"http://{host}:{addr.port}/healthz"
+    url = f"http://{addr}/healthz"
+    # No proxy, whatever http_proxy says: the probe targets this host's own port.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+        with opener.open(url, timeout=args.timeout) as resp:
             ok = resp.status == 200
             body = resp.read(4096).decode(errors="replace")
     except urllib.error.HTTPError as exc:

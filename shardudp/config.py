@@ -5,11 +5,14 @@ CLI flag, the TOML key, the ``SHARDUDP_*`` environment variable and the docs
 table. Precedence: defaults < file < environment < command line. Listener
 settings given at the top level (file, env or CLI) are defaults for every
 listener; a key inside a ``[[listener]]`` table wins for that listener.
+Listener addresses (``bind``, ``multicast``) named by a later source replace
+an earlier source's listeners, the file's ``[[listener]]`` tables included.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -18,7 +21,8 @@ from typing import Any, Final, Literal
 
 from .errors import ConfigError
 
-Scope = Literal["server", "listener"]
+#: "multicast" is a listener setting that only a multicast listener takes.
+Scope = Literal["server", "listener", "multicast"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +54,23 @@ def _int(lo: int, hi: int) -> Callable[[object], int]:
     return parse
 
 
+#: setsockopt takes a C int.
+_INT_MAX: Final = (1 << 31) - 1
+
+
 def _float(lo: float, hi: float) -> Callable[[object], float]:
     def parse(v: object) -> float:
+        f = v
         if isinstance(v, str):
             try:
-                v = float(v)
+                f = float(v)
             except ValueError:
                 raise ValueError(f"expected a number, got {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(f, bool) or not isinstance(f, int | float):
             raise ValueError(f"expected a number, got {v!r}")
-        if not lo <= float(v) <= hi:
-            raise ValueError(f"{v} is out of range [{lo}, {hi}]")
-        return float(v)
+        if not lo <= float(f) <= hi:
+            raise ValueError(f"{v} is out of range [{lo:g}, {hi:g}]")
+        return float(f)
 
     return parse
 
@@ -70,6 +79,18 @@ def _str(v: object) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a non-empty string, got {v!r}")
     return v
+
+
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off"})
+
+
+def _bool(v: object) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {v!r}")
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -97,24 +118,52 @@ def _app(v: object) -> str:
     return s
 
 
+_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _ip(v: object) -> str:
     s = _str(v)
     try:
-        return str(ipaddress.ip_address(s))
+        ip = ipaddress.ip_address(s)
     except ValueError:
         raise ValueError(f"{s!r} is not an IP address (hostnames are not accepted)") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        # The kernel serves it as IPv4 on an IPv6 socket: a second server there
+        # would share a port that the duplicate-server check sees as different.
+        raise ValueError(f"{s} is an IPv4-mapped IPv6 address: write it as {ip.ipv4_mapped}")
+    return str(ip)
+
+
+def _interface(v: object) -> str:
+    host = _ip(v)
+    ip = ipaddress.ip_address(host)
+    if ip.is_multicast or ip == _BROADCAST:
+        raise ValueError(f"{host} is not an interface address: give one of this host's addresses")
+    return host
 
 
 def parse_address(v: object) -> Address:
     """``HOST:PORT`` or ``[V6HOST]:PORT``; HOST must be an IP literal."""
-    s = _str(v)
+    s = v if isinstance(v, str) else ""
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)", s) or re.fullmatch(r"([^:\[\]]+):(\d+)", s)
     if not m:
-        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {s!r}")
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {v!r}")
     host = _ip(m.group(1))
     if ":" in host and not s.startswith("["):
         raise ValueError(f"IPv6 addresses need brackets: [{host}]:PORT")
     return Address(host, _int(0, 65535)(int(m.group(2))))
+
+
+def _unicast(v: object) -> Address:
+    a = parse_address(v)
+    ip = ipaddress.ip_address(a.host)
+    if ip.is_multicast:
+        raise ValueError(f"{a.host} is a multicast group: use --multicast (TOML: multicast), "
+                         "not bind")
+    if ip == _BROADCAST:
+        raise ValueError(f"{a.host} is the broadcast address, not one of this host's: "
+                         "bind 0.0.0.0 to receive broadcasts")
+    return a
 
 
 def _group(v: object) -> Address:
@@ -124,6 +173,24 @@ def _group(v: object) -> Address:
     if a.port == 0:
         raise ValueError("a multicast listener needs a fixed port, not 0")
     return a
+
+
+def _local_address(v: object) -> Address:
+    """``HOST:PORT``, or ``PORT`` / ``:PORT`` meaning loopback: nothing is public unasked."""
+    if (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, str) and re.fullmatch(r":?\d+", v)):
+        return Address("127.0.0.1", _int(0, 65535)(str(v).lstrip(":")))
+    if isinstance(v, str) and ":" not in v:
+        raise ValueError(f"expected PORT, HOST:PORT or [IPV6]:PORT, got {v!r}")
+    return parse_address(v)
+
+
+def flag_of(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def env_of(key: str) -> str:
+    return "SHARDUDP_" + key.upper()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +203,16 @@ class Setting:
     metavar: str = ""
     #: On the command line, each occurrence adds a listener.
     repeat: bool = False
+    #: A boolean: the command line has ``--key`` and ``--no-key`` and takes no value.
+    switch: bool = False
 
     @property
     def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+        return flag_of(self.key)
 
     @property
     def env(self) -> str:
-        return "SHARDUDP_" + self.key.upper()
+        return env_of(self.key)
 
 
 SETTINGS: Final[tuple[Setting, ...]] = (
@@ -155,9 +224,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "How long a stopping worker may take before it is killed.", "SECONDS"),
     Setting("backoff_max", "server", _float(0.0, 3600), 30.0,
             "Cap of the exponential restart delay of a crash-looping slot.", "SECONDS"),
-    Setting("metrics", "server", parse_address, None,
-            "Serve /metrics and /healthz on HOST:PORT (port 0 picks one and logs it).",
-            "HOST:PORT"),
+    Setting("metrics", "server", _local_address, None,
+            "Serve /metrics and /healthz on HOST:PORT; PORT alone means 127.0.0.1:PORT "
+            "(port 0 picks one and logs it).", "HOST:PORT"),
     Setting("metrics_interval", "server", _float(0.0, 3600), 1.0,
             "How often workers report counters; 0 turns counting off.", "SECONDS"),
     Setting("datapath", "server", _choice("auto", "c", "python", "twisted"), "auto",
@@ -180,22 +249,28 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("app", "listener", _app, None,
             "The protocol: MODULE:ATTR naming a DatagramProtocol subclass or a factory.",
             "MODULE:ATTR"),
-    Setting("bind", "listener", parse_address, None,
+    Setting("bind", "listener", _unicast, None,
             "Unicast listener address; repeat for more. Port 0 gives each worker a private "
             "socket that may connect().", "HOST:PORT", repeat=True),
     Setting("multicast", "listener", _group, None,
             "Multicast listener GROUP:PORT; repeat for more.", "GROUP:PORT", repeat=True),
-    Setting("multicast_mode", "listener", _choice("fanout", "single", "shard"), "shard",
+    Setting("multicast_mode", "multicast", _choice("fanout", "single", "shard"), "shard",
             "Multicast delivery: every worker, exactly one worker, or one worker per source.",
             "fanout|single|shard"),
-    Setting("multicast_interface", "listener", _ip, None,
+    Setting("multicast_interface", "multicast", _interface, None,
             "Interface address to join on and send from (default: the kernel's choice).",
             "ADDR"),
-    Setting("rcvbuf", "listener", _int(0, 1 << 31), 4 * 1024 * 1024,
+    Setting("multicast_ttl", "multicast", _int(0, 255), 1,
+            "IP_MULTICAST_TTL / IPV6_MULTICAST_HOPS of what the listener sends to a group.",
+            "HOPS"),
+    Setting("multicast_loopback", "multicast", _bool, True,
+            "Whether datagrams the listener sends to a group loop back to local sockets.",
+            switch=True),
+    Setting("rcvbuf", "listener", _int(0, _INT_MAX), 4 * 1024 * 1024,
             "SO_RCVBUF bytes to ask for (the kernel doubles it, capped by net.core.rmem_max; "
             "0 keeps the kernel default). It must hold what arrives while a worker restarts.",
             "BYTES"),
-    Setting("sndbuf", "listener", _int(0, 1 << 31), None, "SO_SNDBUF bytes to ask for.",
+    Setting("sndbuf", "listener", _int(0, _INT_MAX), None, "SO_SNDBUF bytes to ask for.",
             "BYTES"),
     Setting("max_packet_size", "listener", _int(1, 65535), 65535,
             "Largest datagram read whole; longer ones are truncated.", "BYTES"),
@@ -204,7 +279,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
 )
 BY_KEY: Final = {s.key: s for s in SETTINGS}
 SERVER_KEYS: Final = frozenset(s.key for s in SETTINGS if s.scope == "server")
-LISTENER_KEYS: Final = frozenset(s.key for s in SETTINGS if s.scope == "listener")
+LISTENER_KEYS: Final = frozenset(s.key for s in SETTINGS if s.scope != "server")
+_MULTICAST_ONLY: Final = tuple(s.key for s in SETTINGS if s.scope == "multicast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +291,8 @@ class Listener:
     multicast: bool
     multicast_mode: str
     multicast_interface: str | None
+    multicast_ttl: int
+    multicast_loopback: bool
     rcvbuf: int | None
     sndbuf: int | None
     max_packet_size: int
@@ -241,6 +319,13 @@ class ServerConfig:
     group: str | None
     pid_file: str | None
     listeners: tuple[Listener, ...]
+    #: key -> how the user spelled it where the value came from, for errors
+    #: found later (``--log-file``, ``SHARDUDP_LOG_FILE`` or ``log_file``).
+    origin: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False,
+                                                  repr=False)
+
+    def label(self, key: str) -> str:
+        return self.origin.get(key, key)
 
     def to_dict(self) -> dict[str, Any]:
         """The effective config in the file's own shape (for --print-config)."""
@@ -253,7 +338,7 @@ class ServerConfig:
         for lst in self.listeners:
             d: dict[str, Any] = {"name": lst.name, "app": lst.app}
             d["multicast" if lst.multicast else "bind"] = str(lst.address)
-            for key in ("multicast_mode", "multicast_interface"):
+            for key in _MULTICAST_ONLY:
                 if lst.multicast and getattr(lst, key) is not None:
                     d[key] = getattr(lst, key)
             for key in ("rcvbuf", "sndbuf", "max_packet_size"):
@@ -264,13 +349,32 @@ class ServerConfig:
         return out
 
 
-def _parse_layer(raw: Mapping[str, object], where: str, errors: list[str]) -> dict[str, Any]:
+Label = Callable[[str], str]
+_ADDRESS_KEYS: Final = ("bind", "multicast")
+
+
+def _file_label(prefix: str) -> Label:
+    return lambda key: prefix + key
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """One source's raw and validated values, and how it names a key in errors."""
+
+    raw: Mapping[str, object]
+    values: Mapping[str, Any]
+    label: Label
+
+
+def _parse_layer(raw: Mapping[str, object], label: Label, errors: list[str]) -> dict[str, Any]:
     """Validate one source's values, collecting an error per bad key."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
         setting = BY_KEY.get(key)
         if setting is None:
-            errors.append(f"{where}{key}: unknown setting")
+            near = difflib.get_close_matches(key, BY_KEY, n=1)
+            errors.append(f"{label(key)}: unknown setting"
+                          + (f" (did you mean {label(near[0])}?)" if near else ""))
             continue
         try:
             if setting.repeat:
@@ -279,7 +383,7 @@ def _parse_layer(raw: Mapping[str, object], where: str, errors: list[str]) -> di
             else:
                 out[key] = setting.parse(value)
         except ValueError as exc:
-            errors.append(f"{where}{key}: {exc}")
+            errors.append(f"{label(key)}: {exc}")
     return out
 
 
@@ -307,6 +411,41 @@ def env_values(environ: Mapping[str, str]) -> dict[str, object]:
     return out
 
 
+def _layers(file_top: Mapping[str, object], environ: Mapping[str, str],
+            cli: Mapping[str, object], errors: list[str]) -> list[_Layer]:
+    """The sources in precedence order, lowest first, each validated."""
+    sources: list[tuple[Mapping[str, object], Label]] = [
+        (file_top, _file_label("")),
+        (env_values(environ), env_of),
+        ({k: v for k, v in cli.items() if v is not None}, flag_of),
+    ]
+    return [_Layer(raw, _parse_layer(raw, label, errors), label) for raw, label in sources]
+
+
+def lookup(
+    key: str,
+    *,
+    file_text: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli: Mapping[str, object] | None = None,
+) -> tuple[Any, str]:
+    """One server setting merged as ``build`` does, without needing the rest to be valid
+    (``ctl`` only wants the control socket's path), and how its source names it."""
+    errors: list[str] = []
+    file_top = parse_toml(file_text, errors)[0] if file_text is not None else {}
+
+    def pick(source: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in source.items() if k in (key, env_of(key))}
+
+    value, label = BY_KEY[key].default, key
+    for layer in _layers(pick(file_top), pick(environ or {}), pick(cli or {}), errors):
+        if key in layer.values:
+            value, label = layer.values[key], layer.label(key)
+    if errors:
+        raise ConfigError(errors)
+    return value, label
+
+
 def build(
     *,
     file_text: str | None = None,
@@ -317,49 +456,52 @@ def build(
     """Merge defaults < file < environment < CLI and validate the result.
 
     Raises ``ConfigError`` listing every problem found, each with its key path.
+    Listeners named by a later source (``--bind``, ``SHARDUDP_MULTICAST``)
+    replace an earlier source's, the file's ``[[listener]]`` tables included.
     """
     errors: list[str] = []
     file_top: dict[str, object] = {}
-    file_listeners: list[dict[str, object]] = []
+    tables: list[dict[str, object]] = []
     if file_text is not None:
-        file_top, file_listeners = parse_toml(file_text, errors)
-    layers = [
-        _parse_layer(file_top, "", errors),
-        _parse_layer(env_values(environ or {}), "env ", errors),
-        _parse_layer({k: v for k, v in (cli or {}).items() if v is not None}, "--", errors),
-    ]
+        file_top, tables = parse_toml(file_text, errors)
+    layers = _layers(file_top, environ or {}, cli or {}, errors)
     merged: dict[str, Any] = {s.key: s.default for s in SETTINGS}
-    top_listeners: list[tuple[str, Address]] | None = None
+    origin: dict[str, str] = {}
+    source: _Layer | None = None
     for layer in layers:
-        # Listeners named by a later source replace an earlier source's list.
-        named = [("bind", a) for a in layer.get("bind", [])]
-        named += [("multicast", a) for a in layer.get("multicast", [])]
-        if named:
-            top_listeners = named
-        merged.update({k: v for k, v in layer.items() if k not in ("bind", "multicast")})
+        # Given counts even when invalid: a bad --bind must not fall back to the file's.
+        if any(layer.raw.get(k) for k in _ADDRESS_KEYS):
+            source = layer
+        for key, value in layer.values.items():
+            if key not in _ADDRESS_KEYS:
+                merged[key], origin[key] = value, layer.label(key)
 
-    listeners: list[Listener] = []
-    if top_listeners is not None:
-        for kind, addr in top_listeners:
-            listeners.append(_make_listener(merged, {kind: addr}, f"--{kind} {addr}", errors))
+    listeners: list[Listener | None] = []
+    if tables and source is layers[0]:
+        key = next(k for k in _ADDRESS_KEYS if file_top.get(k))
+        errors.append(f"{key}: a top-level listener address next to [[listener]] tables; "
+                      "move it into a [[listener]] table of its own")
+    elif source is not None:
+        replaced = " (a listener given here replaces the file's [[listener]] tables)" \
+            if tables and source is not layers[0] else ""
+        for kind in _ADDRESS_KEYS:
+            for addr in source.values.get(kind, []):
+                where = f"{source.label(kind)} {addr}"
+                if merged["app"] is None:
+                    errors.append(f"{where}: no APP: give MODULE:ATTR as `shardudp run APP` or "
+                                  f"--app{replaced}")
+                listeners.append(_make_listener(merged, origin, {}, kind, addr, where, errors))
     else:
-        for i, table in enumerate(file_listeners):
-            where = f"listener[{i}]."
-            bad = [k for k in table if k in SERVER_KEYS]
-            for k in bad:
-                errors.append(f"{where}{k}: a server setting, not allowed in a listener table")
-            values = _parse_layer({k: v for k, v in table.items() if k not in bad}, where, errors)
-            for kind in ("bind", "multicast"):
-                if kind in values:
-                    values[kind] = values[kind][0] if len(values[kind]) == 1 else values[kind]
-            listeners.append(_make_listener(merged, values, where.rstrip("."), errors))
+        for i, table in enumerate(tables):
+            listeners.append(_table_listener(merged, origin, table, f"listener[{i}]", errors))
     if not listeners and not errors:
         errors.append("no listener: give --bind HOST:PORT (or [[listener]] tables in --config)")
-    _check_listeners(listeners, errors)
+    built = [lst for lst in listeners if lst is not None]
+    _check_listeners(built, errors)
 
-    workers = merged["workers"]
     if errors:
         raise ConfigError(errors)
+    workers = merged["workers"]
     return ServerConfig(
         workers=max(1, cpu_count) if workers == "auto" else workers,
         timeout=merged["timeout"],
@@ -374,44 +516,66 @@ def build(
         user=merged["user"],
         group=merged["group"],
         pid_file=merged["pid_file"],
-        listeners=tuple(listeners),
+        listeners=tuple(built),
+        origin=origin,
     )
 
 
-_PLACEHOLDER: Final = Address("0.0.0.0", 0)
+def _table_listener(merged: Mapping[str, Any], origin: Mapping[str, str],
+                    table: Mapping[str, object], where: str, errors: list[str]) -> Listener | None:
+    label = _file_label(where + ".")
+    bad = [k for k in table if k in SERVER_KEYS]
+    for k in bad:
+        errors.append(f"{label(k)}: a server setting, not allowed in a listener table")
+    own = _parse_layer({k: v for k, v in table.items() if k not in bad}, label, errors)
+    kinds = [k for k in _ADDRESS_KEYS if k in table]
+    # A misspelt address key was reported as unknown already.
+    typo = any(difflib.get_close_matches(k, _ADDRESS_KEYS, n=1) for k in table if k not in BY_KEY)
+    if len(kinds) > 1 or not (kinds or typo):
+        errors.append(f"{where}: needs exactly one of bind or multicast")
+    kind = kinds[0] if len(kinds) == 1 else None
+    addrs = own.get(kind, []) if kind else []
+    if len(addrs) > 1:
+        errors.append(f"{label(kinds[0])}: one address per listener table")
+    if merged["app"] is None and "app" not in table:
+        errors.append(f"{label('app')}: missing (MODULE:ATTR)")
+    own = {k: v for k, v in own.items() if k not in _ADDRESS_KEYS}
+    # An address that failed to parse was reported above: check the rest, build nothing.
+    addr = addrs[0] if len(addrs) == 1 else None
+    return _make_listener(merged, origin, own, kind, addr, where, errors)
 
 
 def _make_listener(
-    defaults: Mapping[str, Any], own: Mapping[str, Any], where: str, errors: list[str]
-) -> Listener:
-    v = {k: defaults.get(k) for k in LISTENER_KEYS} | dict(own)
-    has_bind, has_mcast = "bind" in own, "multicast" in own
-    if has_bind == has_mcast:
-        errors.append(f"{where}: needs exactly one of bind or multicast")
-    addr = own.get("multicast") or own.get("bind") or _PLACEHOLDER
-    if isinstance(addr, list):
-        errors.append(f"{where}: one address per listener table")
-        addr = _PLACEHOLDER
-    if v["app"] is None:
-        errors.append(f"{where}.app: missing (MODULE:ATTR)")
-    if not has_mcast:
-        for key in ("multicast_mode", "multicast_interface"):
+    merged: Mapping[str, Any], origin: Mapping[str, str], own: Mapping[str, Any],
+    kind: str | None, addr: Address | None, where: str, errors: list[str],
+) -> Listener | None:
+    """A listener from the merged defaults and its own table's values (``own``)."""
+    def label(key: str) -> str:
+        return f"{where}.{key}" if key in own else f"{where}: {origin.get(key, key)}"
+
+    v: dict[str, Any] = {k: merged.get(k) for k in LISTENER_KEYS} | dict(own)
+    mcast = kind == "multicast"
+    if kind == "bind":
+        for key in _MULTICAST_ONLY:
             if key in own:
-                errors.append(f"{where}.{key}: only valid on a multicast listener")
-    if has_mcast and v["multicast_interface"] is not None:
-        iface_v6 = ":" in v["multicast_interface"]
-        if iface_v6 != (":" in addr.host):
-            errors.append(f"{where}.multicast_interface: address family differs from the group")
-    name = v["name"] or (
-        f"{'mcast' if has_mcast else 'udp'}-{addr}".replace("[", "").replace("]", "")
-    )
+                errors.append(f"{label(key)}: only valid on a multicast listener")
+    iface = v["multicast_interface"]
+    if mcast and addr is not None and iface is not None and (":" in iface) != (":" in addr.host):
+        errors.append(f"{label('multicast_interface')}: {iface} is not of the group's "
+                      "address family")
+    if addr is None or v["app"] is None:
+        return None
     return Listener(
-        name=name,
-        app=v["app"] or "",
+        name=v["name"] or f"{'mcast' if mcast else 'udp'}-{addr}".replace("[", "").replace(
+            "]", ""),
+        app=v["app"],
         address=addr,
-        multicast=has_mcast,
-        multicast_mode=str(v["multicast_mode"]) if has_mcast else "fanout",
-        multicast_interface=v["multicast_interface"] if has_mcast else None,
+        multicast=mcast,
+        multicast_mode=str(v["multicast_mode"]) if mcast else "fanout",
+        multicast_interface=iface if mcast else None,
+        multicast_ttl=int(v["multicast_ttl"]) if mcast else BY_KEY["multicast_ttl"].default,
+        multicast_loopback=bool(v["multicast_loopback"]) if mcast
+        else BY_KEY["multicast_loopback"].default,
         rcvbuf=v["rcvbuf"],
         sndbuf=v["sndbuf"],
         max_packet_size=int(v["max_packet_size"] or 65535),
@@ -420,14 +584,26 @@ def _make_listener(
 
 def _check_listeners(listeners: Sequence[Listener], errors: list[str]) -> None:
     seen_names: set[str] = set()
-    seen_addrs: set[Address] = set()
     for lst in listeners:
         if lst.name in seen_names:
             errors.append(f"listener {lst.name!r}: duplicate name")
         seen_names.add(lst.name)
-        if lst.address in seen_addrs and lst.address.port != 0:
-            errors.append(f"listener {lst.name!r}: address {lst.address} used twice")
-        seen_addrs.add(lst.address)
+    for i, a in enumerate(listeners):
+        for b in listeners[i + 1:]:
+            if a.address.port == 0 or a.address.port != b.address.port or \
+                    a.address.family_name != b.address.family_name:
+                continue
+            if a.address == b.address:
+                errors.append(f"listeners {a.name!r} and {b.name!r}: address {a.address} "
+                              "used twice")
+                continue
+            wild = next((x for x in (a, b) if ipaddress.ip_address(x.address.host)
+                         .is_unspecified), None)
+            if wild is not None:
+                other = b if wild is a else a
+                errors.append(f"listeners {a.name!r} ({a.address}) and {b.name!r} "
+                              f"({b.address}) overlap: {wild.address} covers {other.address}; "
+                              "use distinct ports")
 
 
 def settings_markdown() -> str:
@@ -437,9 +613,11 @@ def settings_markdown() -> str:
         "|---|---|---|---|---|---|",
     ]
     for s in SETTINGS:
-        default = "" if s.default is None else f"`{s.default}`"
-        rows.append(
-            f"| `{s.key}` | `{s.flag} {s.metavar}` | `{s.env}` | {default} | {s.scope} "
-            f"| {s.help} |"
-        )
+        default = "" if s.default is None else f"`{str(s.default).lower()}`" if isinstance(
+            s.default, bool) else f"`{s.default}`"
+        flag = f"`{s.flag}`, `--no-{s.flag[2:]}`" if s.switch else f"`{s.flag} {s.metavar}`"
+        scope = "multicast listener" if s.scope == "multicast" else s.scope
+        cells = [f"`{s.key}`", flag, f"`{s.env}`", default, scope, s.help]
+        # GitHub splits table cells at a bare | even inside backticks.
+        rows.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"

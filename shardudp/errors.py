@@ -16,7 +16,9 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: The server failed at run time (e.g. a port already in use).
     ERROR = 1
-    #: Bad command line or configuration: nothing was bound.
+    #: Bad command line or configuration, including a user, group or log file
+    #: this host does not have or cannot use: nothing was bound. Restarting
+    #: will not help (the systemd unit has RestartPreventExitStatus=2 3).
     USAGE = 2
     #: A worker could not boot the APP (import error, constructor raised).
     #: Restarting will not help, so the master halts instead of looping.

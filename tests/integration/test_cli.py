@@ -1,0 +1,270 @@
+"""The command line end to end: `python -m shardudp ...` as a real process.
+
+Configuration mistakes must end in exit 2 and one line per problem naming the
+key as the user wrote it (flag, SHARDUDP_* variable or TOML key), never a
+traceback; what is accepted must then really run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import ROOT, Flows, Server, free_port
+
+
+def shardudp(*args: str, env: dict[str, str | None] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; ``env`` adds variables, or removes those set to None."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SHARDUDP_")}
+    full.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+                SHARDUDP_CONTROL="none")
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    return subprocess.run([sys.executable, "-m", "shardudp", *args], capture_output=True,
+                          text=True, timeout=30, env=full, stdin=subprocess.DEVNULL)
+
+
+def errors(res: subprocess.CompletedProcess[str]) -> list[str]:
+    """The error lines of a failed configuration: exit 2, nothing else on stderr."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert lines and all(ln.startswith("shardudp: error: ") for ln in lines), lines
+    return [ln.removeprefix("shardudp: error: ") for ln in lines]
+
+
+def effective(*args: str, env: dict[str, str | None] | None = None) -> dict[str, object]:
+    res = shardudp("check", "--print-config", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert isinstance(out, dict)
+    return out
+
+
+ECHO = ["workers.echo:Echo", "--bind", "127.0.0.1:9"]
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # setsockopt takes a C int: 2**31 must not get as far as a socket.
+        (["--rcvbuf", "2147483648"], "--rcvbuf: 2147483648 is out of range [0, 2147483647]"),
+        (["--sndbuf", "2147483648"], "--sndbuf: 2147483648 is out of range [0, 2147483647]"),
+        (["--log-file", "/nonexistent-dir/shardudp.log"],
+         "--log-file: directory /nonexistent-dir does not exist"),
+        (["--log-file", "/"], "--log-file: / is a directory"),
+        (["--metrics-interval", "-1"], "--metrics-interval: -1 is out of range [0, 3600]"),
+        (["--user", "no-such-user-here"], "--user: no such user 'no-such-user-here'"),
+        (["--group", "no-such-group-here"], "--group: no such group 'no-such-group-here'"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_flag(command: str, args: list[str],
+                                                 expected: str) -> None:
+    assert errors(shardudp(command, *ECHO, *args)) == [expected]
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_config_error_at_run() -> None:
+    # access() lets root write anything, so only open() finds out: still no traceback.
+    res = shardudp("run", *ECHO, "--log-file", "/proc/version")
+    (line,) = errors(res)
+    assert line.startswith("--log-file: ") and "/proc/version" in line
+
+
+def test_check_creates_nothing_for_a_log_file(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "shardudp.log"
+    assert errors(shardudp("check", *ECHO, "--log-file", str(log))) == [
+        f"--log-file: directory {log.parent} does not exist"]
+    log.parent.mkdir()
+    assert shardudp("check", *ECHO, "--log-file", str(log)).returncode == 0
+    assert not log.exists()
+
+
+def test_each_source_is_named_as_the_user_wrote_it(tmp_path: Path) -> None:
+    env = {"SHARDUDP_METRICS_INTERVAL": "-1"}
+    assert errors(shardudp("check", *ECHO, env=env)) == [
+        "SHARDUDP_METRICS_INTERVAL: -1 is out of range [0, 3600]"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('metrics_interval = -1\n[[listener]]\napp = "a:B"\nbind = "127.0.0.1:9"\n'
+                   "rcvbuf = 2147483648\n")
+    assert errors(shardudp("check", "--config", str(cfg))) == [
+        "metrics_interval: -1 is out of range [0, 3600]",
+        "listener[0].rcvbuf: 2147483648 is out of range [0, 2147483647]"]
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('multicast = "10.0.0.1:5000"',
+         "listener[0].multicast: 10.0.0.1 is not a multicast group address"),
+        ("bind = 5000", "listener[0].bind: expected HOST:PORT or [IPV6]:PORT, got 5000"),
+        ('bind = "127.0.0.1:-1"',
+         "listener[0].bind: expected HOST:PORT or [IPV6]:PORT, got '127.0.0.1:-1'"),
+        ('bnd = "127.0.0.1:1"', "listener[0].bnd: unknown setting (did you mean "
+                                "listener[0].bind?)"),
+    ],
+)
+def test_one_error_per_problem(tmp_path: Path, table: str, expected: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[listener]]\napp = "a:B"\n{table}\n')
+    assert errors(shardudp("check", "--config", str(cfg))) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--bind", "228.0.0.5:5000"], ["--bind: 228.0.0.5 is a multicast group",
+                                        "use --multicast"]),
+        (["--bind", "255.255.255.255:5000"], ["--bind: 255.255.255.255 is the broadcast"]),
+        (["--multicast", "228.0.0.5:5000", "--multicast-interface", "228.0.0.6"],
+         ["--multicast-interface: 228.0.0.6 is not an interface address"]),
+        (["--bind", "[::ffff:127.0.0.1]:5000"],
+         ["--bind: ::ffff:127.0.0.1 is an IPv4-mapped IPv6 address: write it as 127.0.0.1"]),
+        (["--bind", "0.0.0.0:5000", "--bind", "127.0.0.1:5000"],
+         ["'udp-0.0.0.0:5000' (0.0.0.0:5000)", "'udp-127.0.0.1:5000' (127.0.0.1:5000)",
+          "overlap"]),
+        (["--bind", "[::1]:5000", "--bind", "[::]:5000"],
+         ["([::1]:5000)", "([::]:5000)", "overlap"]),
+        (["--multicast", "228.0.0.5:5000", "--multicast-ttl", "256"],
+         ["--multicast-ttl: 256 is out of range [0, 255]"]),
+    ],
+)
+def test_check_refuses_what_can_never_work(args: list[str], needles: list[str]) -> None:
+    (line,) = errors(shardudp("check", "a:B", *args))
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_families_and_ports_that_do_not_overlap_are_fine() -> None:
+    eff = effective("a:B", "--bind", "0.0.0.0:5000", "--bind", "[::]:5000",
+                    "--bind", "127.0.0.1:5001", "--bind", "127.0.0.1:0", "--bind", "0.0.0.0:0")
+    assert len(eff["listener"]) == 5  # type: ignore[arg-type]
+
+
+def test_listeners_on_the_command_line_replace_the_files(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[listener]]\napp = "a:B"\nbind = "127.0.0.1:6000"\n')
+    (line,) = errors(shardudp("check", "--config", str(cfg), "--bind", "127.0.0.1:7000"))
+    assert line.startswith("--bind 127.0.0.1:7000: no APP") and "--app" in line, line
+    (line,) = errors(shardudp("check", "--config", str(cfg),
+                              env={"SHARDUDP_BIND": "127.0.0.1:7000"}))
+    assert line.startswith("SHARDUDP_BIND 127.0.0.1:7000: no APP"), line
+    eff = effective("c:D", "--config", str(cfg), "--bind", "127.0.0.1:7000")
+    assert [(x["app"], x["bind"]) for x in eff["listener"]] == [  # type: ignore[attr-defined]
+        ("c:D", "127.0.0.1:7000")]
+    # Without an APP on the command line, the file's top-level app is the default.
+    cfg.write_text('app = "e:F"\n[[listener]]\nbind = "127.0.0.1:6000"\n')
+    eff = effective("--config", str(cfg), "--bind", "127.0.0.1:7000")
+    assert [(x["app"], x["bind"]) for x in eff["listener"]] == [  # type: ignore[attr-defined]
+        ("e:F", "127.0.0.1:7000")]
+
+
+def test_a_file_declares_listeners_one_way(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('app = "a:B"\nbind = "127.0.0.1:5000"\n[[listener]]\nbind = "127.0.0.1:6000"\n')
+    (line,) = errors(shardudp("check", "--config", str(cfg)))
+    assert line.startswith("bind: ") and "[[listener]]" in line, line
+
+
+def test_app_is_a_flag_too() -> None:
+    eff = effective("--app", "a:B", "--bind", "127.0.0.1:5000")
+    assert eff["listener"][0]["app"] == "a:B"  # type: ignore[index]
+    assert effective("a:B", "--app", "a:B", "--bind", "127.0.0.1:5000") == eff
+    (line,) = errors(shardudp("run", "a:B", "--app", "c:D", "--bind", "127.0.0.1:5000"))
+    assert "a:B" in line and "--app c:D" in line, line
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("9100", "127.0.0.1:9100"), (":9100", "127.0.0.1:9100"),
+     ("0.0.0.0:9100", "0.0.0.0:9100"), ("[::1]:9100", "[::1]:9100")],
+)
+def test_metrics_port_alone_means_loopback(value: str, expected: str) -> None:
+    assert effective(*ECHO, "--metrics", value)["metrics"] == expected
+    assert effective(*ECHO, env={"SHARDUDP_METRICS": value})["metrics"] == expected
+
+
+def test_multicast_switches_on_the_command_line() -> None:
+    eff = effective("a:B", "--multicast", "228.0.0.5:5000", "--no-multicast-loopback",
+                    "--multicast-ttl", "8")
+    (lst,) = eff["listener"]  # type: ignore[misc]
+    assert (lst["multicast_loopback"], lst["multicast_ttl"]) == (False, 8)
+    eff = effective("a:B", "--multicast", "228.0.0.5:5000", "--multicast-loopback",
+                    env={"SHARDUDP_MULTICAST_LOOPBACK": "false"})
+    assert eff["listener"][0]["multicast_loopback"] is True  # type: ignore[index]
+
+
+def test_ctl_finds_the_control_socket_through_the_config_file(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'control = "{sock}"\n')
+    res = shardudp("status", "--config", str(cfg), env={"SHARDUDP_CONTROL": None})
+    assert res.returncode == 1 and str(sock) in res.stderr, res.stderr
+    # --control, then SHARDUDP_CONTROL, win over the file, as for `run`.
+    res = shardudp("ctl", "--config", str(cfg), "--control", str(tmp_path / "x.sock"), "status")
+    assert res.returncode == 1 and "x.sock" in res.stderr, res.stderr
+    res = shardudp("status", "--config", str(cfg), env={"SHARDUDP_CONTROL": "none"})
+    assert errors(res) == [
+        "SHARDUDP_CONTROL: 'none' disables the control socket; nothing to talk to"]
+    cfg.write_text("control = 3\n")
+    assert errors(shardudp("status", "--config", str(cfg))) == [
+        "control: expected a non-empty string, got 3"]
+
+
+def test_a_server_from_file_and_flags_serves_and_answers_ctl_and_health(tmp_path: Path) -> None:
+    """--app, CLI listeners over the file's, the largest buffers setsockopt takes,
+    `--metrics 0`, `status --config`, and a health probe that ignores http_proxy."""
+    control = tmp_path / "control.sock"
+    cfg = tmp_path / "shardudp.toml"
+    cfg.write_text(f'control = "{control}"\nworkers = 1\n'
+                   '[[listener]]\napp = "apps:Upper"\nbind = "127.0.0.1:9"\n')
+    for _ in range(5):
+        port = free_port()
+        srv = Server(["run", "--config", str(cfg), "--app", "workers.echo:Echo",
+                      "--bind", f"127.0.0.1:{port}", "--rcvbuf", "2147483647",
+                      "--sndbuf", "2147483647", "--metrics", "0"],
+                     env={"SHARDUDP_CONTROL": str(control)})
+        try:
+            try:
+                srv.wait_line("all 1 workers ready")
+            except AssertionError:
+                if "already in use" in srv.log:
+                    continue
+                raise
+            srv.wait_line(r"asked SO_RCVBUF 2147483647, the kernel gave \d+")
+            with Flows(1, port) as flows:
+                flows.send(0, b"echo, not upper")
+                assert [d for _, d in flows.collect(1, 5)] == [b"echo, not upper"]
+
+            res = shardudp("status", "--config", str(cfg), "--json",
+                           env={"SHARDUDP_CONTROL": None})
+            assert res.returncode == 0, res.stderr
+            assert json.loads(res.stdout)["workers"] == 1
+
+            (m,) = srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+            with socket.socket() as proxy:
+                # A proxy that would swallow the probe: it must never be asked.
+                proxy.bind(("127.0.0.1", 0))
+                proxy.listen(1)
+                proxy.setblocking(False)
+                proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+                res = shardudp("health", "--metrics", m.group(1), "--timeout", "5",
+                               env={"http_proxy": proxy_url, "HTTP_PROXY": proxy_url,
+                                    "no_proxy": "", "NO_PROXY": ""})
+                assert res.returncode == 0, res.stderr
+                assert res.stdout.startswith("healthy"), res.stdout
+                with pytest.raises(BlockingIOError):
+                    proxy.accept()
+            return
+        finally:
+            srv.stop()
+    pytest.fail("no free port")
