@@ -3,16 +3,19 @@
 A request is one frame holding a map ``{"cmd": NAME, ...args}``; the reply is
 one frame ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT}``.
 Clients are untrusted: every request is validated, a frame that breaks the
-framing closes the connection after an error reply, and a client that says
-nothing is dropped after ``IDLE_TIMEOUT``. The server side never blocks the
-master loop.
+framing closes the connection after an error reply, a client that does not
+complete a request within ``REQUEST_TIMEOUT`` is dropped, and a handler that
+fails gets an error reply, never the master's life. The server side never
+blocks the master loop, nor lets one client monopolise it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import selectors
@@ -30,7 +33,12 @@ log = logging.getLogger("shardudp.control")
 
 MAX_REQUEST: Final = 64 * 1024
 MAX_CLIENTS: Final = 64
-IDLE_TIMEOUT: Final = 5.0
+#: A client must complete each request within this long of connecting or of
+#: its previous answer; trickling bytes does not extend it.
+REQUEST_TIMEOUT: Final = 5.0
+#: Requests answered per client per loop turn: one client pipelining thousands
+#: must not delay the workers' pipes or the other clients.
+MAX_FRAMES_PER_TURN: Final = 16
 #: Replies not taken by a client within this many bytes close it.
 MAX_OUTBOX: Final = 1 << 20
 
@@ -74,17 +82,25 @@ def parse_untrusted_request(obj: object) -> Request:
     return Request(cmd, args)
 
 
-def default_path() -> str:
-    """Where the control socket lives unless told: the runtime dir."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory=
-    if runtime:
-        return str(Path(runtime.split(":")[0]) / "control.sock")
+def _runtime_directory() -> Path | None:
+    """systemd's RuntimeDirectory= (it creates and owns that directory)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(runtime.split(":")[0]) if runtime else None
+
+
+def _own_dir() -> Path:
+    """The directory shardudp names itself for its socket: it must be private."""
     if os.geteuid() == 0:
-        return "/run/shardudp/control.sock"
+        return Path("/run/shardudp")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return str(Path(xdg) / "shardudp" / "control.sock")
-    return f"/tmp/shardudp-{os.geteuid()}/control.sock"
+        return Path(xdg) / "shardudp"
+    return Path(f"/tmp/shardudp-{os.geteuid()}")
+
+
+def default_path() -> str:
+    """Where the control socket lives unless told: the runtime dir."""
+    return str((_runtime_directory() or _own_dir()) / "control.sock")
 
 
 def resolve_path(setting: str) -> str | None:
@@ -93,15 +109,62 @@ def resolve_path(setting: str) -> str | None:
     return default_path() if setting == "auto" else setting
 
 
+def _prepare_dir(directory: Path) -> None:
+    """Create the socket's directory 0700; refuse our own directory if others can reach it.
+
+    In /tmp anyone may create ``shardudp-<uid>`` first, and whoever owns the
+    directory can swap the socket for their own and receive our operator's
+    commands. A directory the operator named (or systemd made) is theirs to secure.
+    """
+    try:
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"control socket directory {directory}: {exc.strerror}") from None
+    else:
+        os.chmod(directory, 0o700)  # whatever the umask
+        return
+    if directory != _own_dir() or directory == _runtime_directory():
+        return
+    st = os.lstat(directory)
+    hint = "remove it, or pass --control PATH"
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"control socket directory {directory} is not a directory; {hint}")
+    if st.st_uid != os.geteuid():
+        raise StartupError(f"control socket directory {directory} belongs to uid {st.st_uid}, "
+                           f"not to us (uid {os.geteuid()}); {hint}")
+    if st.st_mode & 0o077:
+        raise StartupError(f"control socket directory {directory} is open to other users "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 700 it, or pass "
+                           "--control PATH")
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _error(text: str) -> bytes:
+    return wire.encode_obj({"ok": False, "error": text})
+
+
 # -- server --------------------------------------------------------------------
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket, now: float) -> None:
+    #: The selector callback, bound to this connection.
+    on_event: Callable[[int], None]
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
         self.frames = wire.FrameSplitter(MAX_REQUEST)
+        #: Requests received but not answered yet (a framing error last, if any).
+        self.pending: collections.deque[bytes | WireError] = collections.deque()
         self.outbox = bytearray()
-        self.last_active = now
+        self.deadline = deadline
         self.closing = False
 
 
@@ -124,10 +187,7 @@ class ControlServer:
     @staticmethod
     def _bind(path: str) -> socket.socket:
         p = Path(path)
-        try:
-            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StartupError(f"control socket directory {p.parent}: {exc.strerror}") from None
+        _prepare_dir(p.parent)
         if p.exists() or p.is_symlink():
             if not stat.S_ISSOCK(p.lstat().st_mode):
                 raise StartupError(f"control socket path {path} exists and is not a socket")
@@ -138,11 +198,14 @@ class ControlServer:
                 p.unlink()  # stale: its server died without cleaning up
             else:
                 raise StartupError(f"control socket {path} is served by a running shardudp; "
-                                   "stop it or give this one another --control path")
+                                   "to run another server, give it its own --control PATH "
+                                   "(or --control none)")
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # created 0600: only the server's user may control it
+        # Created 0600 and owned by the master's uid, also under --user: the
+        # APP runs as that user and must not be able to scale or stop us.
+        old = os.umask(0o177)
         try:
             sock.bind(path)
         except OSError as exc:
@@ -154,20 +217,14 @@ class ControlServer:
         sock.setblocking(False)
         return sock
 
-    def chown(self, uid: int, gid: int) -> None:
-        os.chown(self.path, uid, gid)
-
     def close(self) -> None:
-        for fd in list(self.conns):
-            self._drop(fd)
+        for conn in list(self.conns.values()):
+            self._drop(conn)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(self.listener)
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-
-    def fds(self) -> set[int]:
-        return {self.listener.fileno(), *self.conns}
 
     def _on_accept(self, mask: int) -> None:
         for _ in range(MAX_CLIENTS):
@@ -179,61 +236,77 @@ class ControlServer:
                 log.warning("control accept failed: %s", exc)
                 return
             if len(self.conns) >= MAX_CLIENTS:
-                # Evict the longest-idle client rather than refuse the new one:
-                # a crowd of silent clients must not lock the operator out.
-                oldest = min(self.conns.values(), key=lambda c: c.last_active)
-                self._drop(oldest.sock.fileno())
+                # Evict the client closest to its deadline rather than refuse
+                # the new one: a crowd of silent clients must not lock the
+                # operator out.
+                self._drop(min(self.conns.values(), key=lambda c: c.deadline))
             sock.setblocking(False)
-            conn = _Conn(sock, self.clock())
+            conn = _Conn(sock, self.clock() + REQUEST_TIMEOUT)
+            conn.on_event = functools.partial(self._on_conn, conn)
             self.conns[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ,
-                                   lambda m, c=conn: self._on_conn(c, m))
+            self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
+
+    def _alive(self, conn: _Conn) -> bool:
+        return self.conns.get(conn.sock.fileno()) is conn
 
     def _on_conn(self, conn: _Conn, mask: int) -> None:
-        fd = conn.sock.fileno()
-        if mask & selectors.EVENT_WRITE:
-            self._flush(conn)
-        if not mask & selectors.EVENT_READ or fd not in self.conns:
-            return
+        # Write readiness also means "answer the next batch": see _flush.
+        if mask & selectors.EVENT_READ and not conn.pending and not conn.closing:
+            self._read(conn)
+        self._serve(conn)
+        self._flush(conn)
+
+    def _read(self, conn: _Conn) -> None:
         try:
             data = conn.sock.recv(MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if not data:
-            self._drop(fd)
-            return
-        conn.last_active = self.clock()
-        try:
-            payloads = conn.frames.feed(data)
-        except WireError as exc:
-            self._reply(conn, {"ok": False, "error": str(exc)})
+        if not data:  # the client is done sending: finish what it asked for
             conn.closing = True
-            self._flush(conn)
             return
-        for payload in payloads:
-            self._reply(conn, self._answer(payload))
-        self._flush(conn)
+        # Requests before an oversized frame are still answered, then the error.
+        payloads, error = conn.frames.split(data)
+        conn.pending.extend(payloads)
+        if error is not None:
+            conn.pending.append(error)
+            conn.closing = True
 
-    def _answer(self, payload: bytes) -> dict[str, Any]:
+    def _serve(self, conn: _Conn) -> None:
+        """Answer at most MAX_FRAMES_PER_TURN requests, so one client cannot hog the loop."""
+        for _ in range(MAX_FRAMES_PER_TURN):
+            if not conn.pending or not self._alive(conn):
+                return  # nothing left, or dropped for a full outbox: stop computing
+            item = conn.pending.popleft()
+            self._reply(conn, _error(str(item)) if isinstance(item, WireError)
+                        else self._answer(item))
+            conn.deadline = self.clock() + REQUEST_TIMEOUT
+
+    def _answer(self, payload: bytes) -> bytes:
         try:
             req = parse_untrusted_request(wire.unpack_untrusted(payload))
         except WireError as exc:
-            return {"ok": False, "error": str(exc)}
+            return _error(str(exc))
         try:
-            return {"ok": True, "result": self.handler(req)}
+            return wire.encode_obj({"ok": True, "result": self.handler(req)})
         except ControlError as exc:
-            return {"ok": False, "error": str(exc)}
+            return _error(str(exc))
+        except Exception as exc:
+            # Our failure, not the client's: it must not unwind into the master
+            # loop, which would take every worker down with it.
+            problem = _describe(exc)
+            log.error("control command %s failed: %s", req.cmd, problem,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return _error(f"{req.cmd} failed: {problem}")
 
-    def _reply(self, conn: _Conn, obj: dict[str, Any]) -> None:
-        conn.outbox += wire.encode_obj(obj)
+    def _reply(self, conn: _Conn, frame: bytes) -> None:
+        conn.outbox += frame
         if len(conn.outbox) > MAX_OUTBOX:
-            self._drop(conn.sock.fileno())
+            self._drop(conn)
 
     def _flush(self, conn: _Conn) -> None:
-        fd = conn.sock.fileno()
-        if fd not in self.conns:
+        if not self._alive(conn):
             return
         while conn.outbox:
             try:
@@ -241,32 +314,33 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._drop(fd)
+                self._drop(conn)
                 return
             del conn.outbox[:n]
-        if conn.outbox:
-            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 lambda m, c=conn: self._on_conn(c, m))
-        elif conn.closing:
-            self._drop(fd)
-        else:
-            self.selector.modify(conn.sock, selectors.EVENT_READ,
-                                 lambda m, c=conn: self._on_conn(c, m))
-
-    def _drop(self, fd: int) -> None:
-        conn = self.conns.pop(fd, None)
-        if conn is None:
+        if conn.closing and not conn.outbox and not conn.pending:
+            self._drop(conn)
             return
+        # With requests pending, wait for writability rather than for more
+        # input: it wakes the next loop turn at once while the client takes
+        # its replies, and never while it does not.
+        events = selectors.EVENT_WRITE if conn.outbox or conn.pending else 0
+        if not conn.pending and not conn.closing:
+            events |= selectors.EVENT_READ
+        self.selector.modify(conn.sock, events, conn.on_event)
+
+    def _drop(self, conn: _Conn) -> None:
+        if not self._alive(conn):
+            return
+        del self.conns[conn.sock.fileno()]
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn.sock)
         conn.sock.close()
 
     def expire(self) -> None:
-        """Drop clients idle past IDLE_TIMEOUT (a silent client must not pin a slot)."""
-        cutoff = self.clock() - IDLE_TIMEOUT
-        for fd, conn in list(self.conns.items()):
-            if conn.last_active < cutoff:
-                self._drop(fd)
+        """Drop clients past their deadline: a silent or trickling client must not pin a slot."""
+        now = self.clock()
+        for conn in [c for c in self.conns.values() if c.deadline < now]:
+            self._drop(conn)
 
 
 # -- client --------------------------------------------------------------------

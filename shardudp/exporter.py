@@ -37,12 +37,12 @@ from prometheus_client.metrics_core import (
 )
 
 from shardudp import sockstats
+from shardudp.drops import SHARED
 from shardudp.errors import StartupError
 from shardudp.metrics import (
     RESTART_REASONS,
     ZERO,
     BookSnapshot,
-    DropUnwrapper,
     ListenerSeries,
 )
 from shardudp.stats import SAMPLE_EVERY
@@ -88,12 +88,14 @@ class WorkerState:
     told otherwise); None means "take it from the book", which is stamped with
     the ``now`` the master passed to ``MetricsBook.report``. ``started_at`` is
     Unix time, used for the start-time metric only when /proc cannot say.
+    ``silent`` means READY but not heard from lately (stopped, wedged): not healthy.
     """
 
     pid: int | None
     ready: bool
     started_at: float | None = None
     last_report_at: float | None = None
+    silent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +103,17 @@ class ExportView:
     """Everything one scrape needs, frozen. Build a new one to change anything.
 
     ``sockets`` lists each kernel socket the master holds as (slot, listener,
-    socket). A socket shared by several slots may be listed under each; it is
-    exported once, under the first slot listed, so drops are not multiplied.
+    socket); a socket shared by several slots may be listed under each.
+    ``kernel`` reads those sockets' drops, queues and buffers at scrape time
+    (``SocketSet.kernel_stats``, the one source of truth ``status`` uses too),
+    so drops count even while a worker is down or stopped.
     """
 
     book: BookSnapshot = field(default_factory=BookSnapshot)
     workers: Mapping[int, WorkerState] = field(default_factory=lambda: MappingProxyType({}))
     sockets: tuple[tuple[int, str, socket.socket], ...] = ()
     master_pid: int | None = None
+    kernel: Callable[[], sockstats.KernelStats] | None = None
     build: BuildInfo = field(default_factory=build_info)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,9 @@ class ExportView:
 
     def not_ready(self) -> list[int]:
         return sorted(s for s, w in self.workers.items() if w.pid is None or not w.ready)
+
+    def silent(self) -> list[int]:
+        return sorted(s for s, w in self.workers.items() if w.ready and w.silent)
 
 
 class LatestView:
@@ -170,10 +178,6 @@ class ShardCollector:
     ) -> None:
         self._source = source
         self._clock = clock
-        # Scrapes may run concurrently (threaded server); the wrap state is
-        # the only thing they share. This lock is never taken by the master.
-        self._drops_lock = threading.Lock()
-        self._drops = DropUnwrapper()
 
     def describe(self) -> list[Metric]:
         # Registering must not call source() (the master may not have a view yet).
@@ -238,8 +242,11 @@ class ShardCollector:
     def _socket_stats(self, view: ExportView) -> Iterator[Metric]:
         drops = _counter(
             "shardudp_socket_drops_total",
-            "Datagrams the kernel dropped on this socket (receive buffer full, "
-            "checksum, filter); counted by the kernel, so also while no worker reads.",
+            "Datagrams the kernel dropped on the listener's sockets (receive buffer full, bad "
+            "checksum), counted by the kernel, so also while no worker reads. "
+            f'slot="{SHARED}" holds drops of the listener as a whole: its single-mode socket, '
+            "and shard-mode overflow (which member overflowed is unknowable). "
+            "sum by (listener) is the listener's loss, for every kind.",
             _SL,
         )
         queue = _gauge(
@@ -252,42 +259,25 @@ class ShardCollector:
             "The socket's effective receive buffer (SO_RCVBUF as the kernel stores it).",
             _SL,
         )
-        picked: list[tuple[int, str, socket.socket, int]] = []
-        seen: set[int] = set()
-        for slot, name, sock in view.sockets:
-            try:
-                inode = sockstats.socket_inode(sock)
-            except OSError:
-                continue  # closed under us (master shutting down)
-            if inode not in seen:
-                seen.add(inode)
-                picked.append((slot, name, sock, inode))
-
-        stats = sockstats.read_sockets([p[2] for p in picked])
-        totals: dict[tuple[int, str], list[int]] = {}
-        with self._drops_lock:
-            for (slot, name, _, inode), st in zip(picked, stats, strict=True):
-                if st is None:
-                    continue
-                dropped = self._drops.update((slot, name, inode), st.drops)
-                acc = totals.setdefault((slot, name), [0, 0, 0])
-                acc[0] += dropped
-                acc[1] += st.rx_queue_bytes
-                acc[2] += st.rcvbuf_bytes
-            self._drops.keep_only((slot, name, inode) for slot, name, _, inode in picked)
-
-        for (slot, name), (d, q, b) in sorted(totals.items()):
-            labels = (str(slot), name)
-            drops.add_metric(labels, d)
-            queue.add_metric(labels, q)
-            rcvbuf.add_metric(labels, b)
+        if view.kernel is not None:
+            stats = view.kernel()
+            for labels, n in sorted(stats.drops.items()):
+                drops.add_metric(labels, n)
+            for labels, (q, b) in sorted(stats.queues.items()):
+                queue.add_metric(labels, q)
+                rcvbuf.add_metric(labels, b)
         yield drops
         yield queue
         yield rcvbuf
 
     def _workers(self, view: ExportView, slots: list[int]) -> Iterator[Metric]:
+        # Gauges describe current slots only: a slot removed by scaling down
+        # would otherwise read as a worker down forever. Its counters stay,
+        # at their last value, because a counter must never go backwards.
         up = _gauge(
-            "shardudp_worker_up", "1 if the slot has a live worker that reported ready.", ("slot",)
+            "shardudp_worker_up",
+            "1 if the slot has a live worker that reported ready; current slots only.",
+            ("slot",),
         )
         restarts = _counter(
             "shardudp_worker_restarts_total",
@@ -296,17 +286,18 @@ class ShardCollector:
         )
         age = _gauge(
             "shardudp_worker_last_report_age_seconds",
-            "Seconds since the slot's worker last sent metrics.",
+            "Seconds since the slot's worker last sent metrics; current slots only.",
             ("slot",),
         )
         now = self._clock()
         for slot in slots:
-            w = view.workers.get(slot)
             label = str(slot)
-            up.add_metric((label,), 1 if w is not None and w.pid is not None and w.ready else 0)
             for reason in RESTART_REASONS:
                 restarts.add_metric((label, reason), view.book.restarts.get((slot, reason), 0))
-            last = w.last_report_at if w is not None else None
+        for slot, w in sorted(view.workers.items()):
+            label = str(slot)
+            up.add_metric((label,), 1 if w.pid is not None and w.ready else 0)
+            last = w.last_report_at
             if last is None:
                 last = view.book.last_report_at.get(slot)
             if last is not None:
@@ -348,6 +339,9 @@ class MetricsServer(ThreadingHTTPServer):
     """The /metrics and /healthz endpoint; ``close()`` stops it and joins its thread."""
 
     daemon_threads = True
+    # The listen backlog (socketserver's default is 5): a burst of scrapers
+    # and probes must queue rather than see refused or dropped connections.
+    request_queue_size = 64
 
     def __init__(
         self,
@@ -420,15 +414,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _health(self) -> tuple[int, bytes]:
         try:
             ok = self.server.healthy()
-            waiting = self.server.source().not_ready()
+            view = self.server.source()
+            waiting, silent = view.not_ready(), view.silent()
         except Exception:
             log.exception("health check failed")
             return 503, b"health check failed\n"
         if ok:
             return 200, b"ok\n"
-        if waiting:
-            return 503, f"slots not ready: {', '.join(map(str, waiting))}\n".encode()
-        return 503, b"not ready\n"
+        problems = [f"slots {what}: {', '.join(map(str, slots))}"
+                    for what, slots in (("not ready", waiting), ("not responding", silent))
+                    if slots]
+        return 503, ("; ".join(problems) or "not ready").encode() + b"\n"
 
     def log_message(self, format: str, *args: object) -> None:
         # Prometheus scrapes every few seconds; one stderr line each is noise.

@@ -336,9 +336,9 @@ class MetricsBook:
 class DropUnwrapper:
     """Turns wrapping u32 kernel drop counters into monotonic totals.
 
-    Keyed by whatever identifies one kernel socket (the exporter uses slot,
-    listener and inode, so a replaced socket starts afresh rather than looking
-    like a wrap). More than 2**32 drops between two reads cannot be told apart
+    Keyed by whatever identifies one kernel socket (``drops.DropBook`` uses
+    one key per socket it holds, so a replaced socket starts afresh rather
+    than looking like a wrap). More than 2**32 drops between two reads cannot be told apart
     from fewer; at one scrape every 15 s that needs ~286 M drops per second.
     Not thread-safe: the caller serialises.
     """

@@ -5,8 +5,10 @@ the transport they expect. What they add over stock Twisted:
 
 * ``adopt()`` takes a socket the master created, bound and keeps, and dups it.
 * Guards for shared (``SO_REUSEPORT``) sockets: ``connect()`` refuses, because
-  on Linux a connected socket silently leaves its reuseport group; joining a
-  group the master already joined counts as success.
+  on Linux a connected socket silently leaves its reuseport group. On a
+  multicast listener's socket (bound to its group) the membership is the
+  master's: joining or leaving that group is a successful no-op, and joining
+  any other group fails (the socket could never receive it).
 * ``MSG_DONTWAIT`` on every read and write: ``O_NONBLOCK`` lives on the open
   file description shared with the master and every past worker, so anyone
   could have set blocking mode.
@@ -26,6 +28,7 @@ Three data paths, picked with ``port_class()``:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -34,12 +37,14 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Final, Self
 
 from twisted.internet import abstract, error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shardudp.errors import StartupError
+from shardudp.sockets import ifindex_of
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
 
 try:
@@ -167,6 +172,10 @@ class ShardPort(MulticastPort):
 
     _stats: ListenerStats | None
     _shared: bool
+    # (group, outgoing interface as the master set it: an IPv4 address, "" for
+    # the kernel's choice, or an IPv6 interface index) of a multicast
+    # listener's socket; None for a unicast one.
+    _membership: tuple[str, str | int] | None
     _errors: _ErrorLog
     _send_errors: _ErrorLog
     _good_hosts: dict[object, None]
@@ -211,6 +220,7 @@ class ShardPort(MulticastPort):
         self._stats = stats
         self._shared = bool(shared)
         self._good_hosts = {}
+        self._membership = _membership_of(dup)
         name = f"{type(protocol).__name__} on {interface}:{dup.getsockname()[1]}"
         self._errors = _ErrorLog(f"datagramReceived of {name} raised")
         self._send_errors = _ErrorLog(f"send from {name} failed")
@@ -376,11 +386,13 @@ class ShardPort(MulticastPort):
         _StockPort.connect(self, host, port)
 
     def joinGroup(self, addr: str, interface: str = "") -> Deferred[None]:
+        if self._membership is not None:
+            return self._listener_membership("joinGroup", addr, interface)
         d: Deferred[None] = super().joinGroup(addr, interface)
 
         def already_member(f: Failure) -> Failure | None:
-            # The master (or the previous worker) joined this shared socket
-            # already: membership is per socket, so we are in the group.
+            # Memberships live on the socket, which outlives workers: a
+            # previous worker may have joined already, so we are in the group.
             exc = f.value
             cause = getattr(exc, "__cause__", None)
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
@@ -391,6 +403,47 @@ class ShardPort(MulticastPort):
 
         d.addErrback(already_member)
         return d
+
+    def leaveGroup(self, addr: str, interface: str = "") -> Deferred[None]:
+        if self._membership is not None:
+            return self._listener_membership("leaveGroup", addr, interface)
+        return super().leaveGroup(addr, interface)
+
+    def _listener_membership(self, call: str, addr: str, interface: str) -> Deferred[None]:
+        """joinGroup/leaveGroup on a multicast listener's socket, bound to its group.
+
+        The master joined the group on the listener's interface for every
+        worker (and, in single mode, this very socket is every worker's):
+        leaving it would cut them all off, and joining it again changes
+        nothing, so both are no-ops. An empty interface means the listener's.
+        """
+        assert self._membership is not None
+        group, own_if = self._membership
+        port = self._sock.getsockname()[1]
+        if not _same_ip(addr, group):
+            return fail(error.MulticastJoinError(
+                f"{call}({addr!r}) refused: this listener's sockets are bound to {group}:{port} "
+                f"and never receive {addr}; add a --multicast listener for {addr}:{port}"))
+        if not self._is_own_interface(interface):
+            return fail(error.MulticastJoinError(
+                f"{call}({addr!r}, {interface!r}) refused: the master joined {group} for this "
+                f"listener on {own_if or 'the interface the kernel chose'} "
+                "(--multicast-interface); its memberships are the master's"))
+        logger.debug("%s(%r, %r) on a listener socket is a no-op: the master holds the "
+                     "membership of %s for every worker", call, addr, interface, group)
+        return succeed(None)
+
+    def _is_own_interface(self, interface: str) -> bool:
+        assert self._membership is not None
+        own_if = self._membership[1]
+        if not interface or (_is_ip(interface) and ipaddress.ip_address(interface).is_unspecified):
+            return True  # stock Twisted's "any": here, the listener's own
+        if isinstance(own_if, str):
+            return _same_ip(interface, own_if)
+        try:
+            return ifindex_of(interface) == own_if
+        except (StartupError, ValueError):
+            return False
 
     # IP_MULTICAST_TTL is an IPv4 option; on an AF_INET6 socket Linux accepts it
     # but it only affects v4-mapped traffic, so stock Twisted silently does
@@ -409,7 +462,25 @@ class ShardPort(MulticastPort):
     def connectionLost(self, reason: Any = None) -> None:
         self._errors.flush()
         self._send_errors.flush()
-        _StockPort.connectionLost(self, reason)
+        try:
+            _StockPort.connectionLost(self, reason)
+        except Exception as exc:
+            # Usually the protocol's stopProtocol. Stock Twisted then neither
+            # closes the socket nor fires stopListening's Deferred, and a
+            # stopping worker would wait out its graceful timeout.
+            logger.error("stopping %s raised %s: %s; closing its port anyway",
+                         type(self.protocol).__name__, type(exc).__name__, exc, exc_info=exc)
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        """What stock connectionLost does after doStop, for when doStop raised."""
+        sock = self.__dict__.pop("socket", None)
+        if sock is not None:
+            sock.close()
+        self.__dict__.pop("fileno", None)
+        d = self.__dict__.pop("d", None)
+        if d is not None:
+            d.callback(None)
 
 
 def _drain_error_queue(sock: socket.socket) -> int:
@@ -421,6 +492,35 @@ def _drain_error_queue(sock: socket.socket) -> int:
         except OSError:
             return queued
     return 64
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_ip(a: str, b: str) -> bool:
+    """Whether two address literals name the same address (a hostname never does)."""
+    return _is_ip(a) and _is_ip(b) and ipaddress.ip_address(a) == ipaddress.ip_address(b)
+
+
+def _membership_of(sock: socket.socket) -> tuple[str, str | int] | None:
+    """(group, interface) of a socket bound to a multicast group, else None.
+
+    The interface is read back from the socket's outgoing interface, which
+    the master sets to the listener's before handing the socket over.
+    """
+    host = sock.getsockname()[0]
+    if not ipaddress.ip_address(host).is_multicast:
+        return None
+    if sock.family == socket.AF_INET6:
+        return host, int(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF))
+    raw = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, 4)
+    iface = socket.inet_ntoa(raw)
+    return host, "" if iface == "0.0.0.0" else iface
 
 
 def _check_adoptable(sock: object) -> socket.AddressFamily:

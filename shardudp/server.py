@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import grp
 import logging
 import os
 import pwd
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from . import control, logs, sockstats, supervision, wire
+from . import control, logs, supervision, wire
 from .config import ServerConfig
-from .errors import StartupError, WireError
+from .errors import ExitCode, StartupError, WireError
 from .exporter import ExportView, LatestView, MetricsServer, WorkerState, start_http
 from .master import Child, Master
 from .metrics import MalformedReport, MetricsBook
 from .supervision import WState
 
 log = logging.getLogger("shardudp.master")
+
+#: /healthz fails for a READY worker silent this long, or for --timeout if
+#: shorter. Workers heartbeat at least once a second (master.py), so this is
+#: three missed heartbeats or more; the supervisor kills it at --timeout.
+SILENT_AFTER: Final = 3.0
 
 
 class Server(Master):
@@ -36,32 +42,41 @@ class Server(Master):
         self._dirty = True
         self.hooks.append(self._on_action)
         self.control: control.ControlServer | None = None
-        self._pid_file_written = False
+        self._pid_fd: int | None = None
         self.started_at = self.clock()
-        #: (time, {slot: datagrams received}) samples for status rates.
+        #: (time, {slot: datagrams received}) samples for status rates, one a
+        #: second: the newest one at least 1 s old is among the last two.
         self._rx_samples: collections.deque[tuple[float, dict[int, int]]] = \
-            collections.deque(maxlen=16)
+            collections.deque(maxlen=4)
+        #: Slots whose READY worker has not been heard from for SILENT_AFTER.
+        self._silent: frozenset[int] = frozenset()
 
     # -- before binding
 
+    def run(self) -> ExitCode:
+        try:
+            return super().run()
+        except BaseException:
+            self.before_close()  # (idempotent) what preflight claimed, if startup failed
+            raise
+
     def preflight(self) -> None:
+        """Claim the pid file and the control socket before any UDP socket is bound.
+
+        A second server that clashes on either is refused having bound nothing.
+        """
         self.run_as = _resolve_user(self.cfg.user, self.cfg.group)
         if self.cfg.pid_file:
-            _check_pid_file(self.cfg.pid_file)
-
-    # -- master hooks
-
-    def before_spawn(self) -> None:
-        if self.cfg.pid_file:
-            _write_pid_file(self.cfg.pid_file, self.pid)
-            self._pid_file_written = True
+            self._pid_fd = _claim_pid_file(self.cfg.pid_file, self.pid)
         path = control.resolve_path(self.cfg.control)
         if path is not None:
             self.control = control.ControlServer(path, self.handle_control, self.selector,
                                                  self.clock)
-            if self.run_as is not None:
-                self.control.chown(*self.run_as)
             log.info("control socket %s", path)
+
+    # -- master hooks
+
+    def before_spawn(self) -> None:
         self.publish()
         if self.cfg.metrics is not None:
             addr = self.cfg.metrics
@@ -76,6 +91,10 @@ class Server(Master):
         now = self.clock()
         if not self._rx_samples or now - self._rx_samples[-1][0] >= 1.0:
             self._rx_samples.append((now, self._rx_by_slot()))
+        silent = self._silent_slots(now)
+        if silent != self._silent:
+            self._silent = silent
+            self._dirty = True
         if self._dirty:
             self.publish()
 
@@ -86,10 +105,9 @@ class Server(Master):
         if self.control is not None:
             self.control.close()
             self.control = None
-        if self._pid_file_written and self.cfg.pid_file:
-            with contextlib.suppress(OSError):
-                if Path(self.cfg.pid_file).read_text().strip() == str(self.pid):
-                    os.unlink(self.cfg.pid_file)
+        if self._pid_fd is not None and self.cfg.pid_file:
+            _release_pid_file(self.cfg.pid_file, self._pid_fd)
+            self._pid_fd = None
 
     # -- the control socket
 
@@ -128,12 +146,16 @@ class Server(Master):
         tx: dict[int, int] = collections.defaultdict(int)
         for series in book.listeners:
             tx[series.slot] += series.counts.tx_datagrams
-        old = next((s for s in self._rx_samples if now - s[0] >= 1.0), None)
+        # The newest sample at least 1 s old: a current rate, not a trailing average.
+        old = next((s for s in reversed(self._rx_samples) if now - s[0] >= 1.0), None)
+        # The exporter's numbers: per slot what its own sockets dropped; the
+        # listener total adds what belongs to no one slot (single, shard).
         drops: dict[int, int] = collections.defaultdict(int)
-        for slot, ss in self.sockets.all_sockets():
-            st = sockstats.read_sockets([ss.sock])[0]
-            if st is not None:
-                drops[slot] += st.drops
+        listener_drops: dict[str, int] = collections.defaultdict(int)
+        for (label, name), n in self.sockets.kernel_stats().drops.items():
+            listener_drops[name] += n
+            if label.isdigit():
+                drops[int(label)] += n
         slots = []
         for index, sl in sorted(self.sup.slots.items()):
             w = self.sup.workers.get(sl.current) if sl.current is not None else None
@@ -156,11 +178,13 @@ class Server(Master):
             "master_pid": self.pid,
             "uptime": round(now - self.started_at, 3),
             "workers": self.sup.size,
-            "healthy": self.sup.healthy(),
+            "healthy": self.sup.healthy() and not self._silent,
+            "silent_slots": sorted(self._silent),
             "stopping": self.sup.stopping,
             "listeners": [lst.name for lst in self.cfg.listeners],
             "metrics_port": self.metrics_port,
             "slots": slots,
+            "listener_drops": dict(listener_drops),
         }
 
     def on_metrics(self, child: Child, msg: wire.MetricsReport, now: float) -> None:
@@ -179,9 +203,19 @@ class Server(Master):
 
     # -- the view
 
+    def _silent_slots(self, now: float) -> frozenset[int]:
+        assert self.sup is not None
+        bound = min(self.cfg.timeout, SILENT_AFTER)
+        silent = set()
+        for index, sl in self.sup.slots.items():
+            w = self.sup.workers.get(sl.current) if sl.current is not None else None
+            if w is not None and w.state is WState.READY and now - w.last_seen > bound:
+                silent.add(index)
+        return frozenset(silent)
+
     def healthy_view(self) -> bool:
         view = self.view()
-        return bool(view.workers) and not view.not_ready()
+        return bool(view.workers) and not view.not_ready() and not view.silent()
 
     def publish(self) -> None:
         workers: dict[int, WorkerState] = {}
@@ -192,10 +226,11 @@ class Server(Master):
                 w = self.sup.workers.get(sl.current) if sl.current is not None else None
                 workers[index] = WorkerState(
                     pid=w.pid if w is not None else None,
-                    ready=w is not None and w.state is WState.READY)
+                    ready=w is not None and w.state is WState.READY,
+                    silent=index in self._silent)
         socks = tuple((slot, ss.listener.name, ss.sock) for slot, ss in self.sockets.all_sockets())
         self.view.view = ExportView(book=self.book.snapshot(), workers=workers, sockets=socks,
-                                    master_pid=self.pid)
+                                    master_pid=self.pid, kernel=self.sockets.kernel_stats)
         self._dirty = False
 
 
@@ -217,30 +252,69 @@ def _resolve_user(user: str | None, group: str | None) -> tuple[int, int] | None
     return pw.pw_uid, gid
 
 
-def _check_pid_file(path: str) -> None:
+def _claim_pid_file(path: str, pid: int) -> int:
+    """Write ``pid`` to ``path`` and lock it for the master's life; return the fd.
+
+    The lock makes check-and-write one step: of two servers started together
+    one gets it, the other is refused. A file nobody locks is stale (its server
+    is gone) and is taken over, unless it names a live process.
+    """
     try:
-        text = Path(path).read_text().strip()
-    except FileNotFoundError:
-        return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
-    if not text.isdigit():
-        return  # garbage: overwritten below
-    pid = int(text)
+    for _ in range(3):  # a server exiting may unlink the file between open and lock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise StartupError(f"--pid-file {path}: process {holder or '(starting)'} is still "
+                               "running") from None
+        if not _same_file(fd, path):
+            os.close(fd)
+            continue
+        holder = _read_pid(fd)
+        if holder is not None and holder != pid and _alive(holder):
+            os.close(fd)  # e.g. a server from before pid files were locked
+            raise StartupError(f"--pid-file {path}: process {holder} is still running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{pid}\n".encode(), 0)
+        return fd
+    raise StartupError(f"--pid-file {path}: replaced while we claimed it; is another server "
+                       "starting?")
+
+
+def _release_pid_file(path: str, fd: int) -> None:
+    if _same_file(fd, path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    os.close(fd)  # drops the lock
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return
+        return False
     except PermissionError:
         pass  # alive, owned by someone else
-    raise StartupError(f"--pid-file {path}: process {pid} is still running")
-
-
-def _write_pid_file(path: str, pid: int) -> None:
-    tmp = f"{path}.{pid}.tmp"
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(tmp).write_text(f"{pid}\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
+    return True

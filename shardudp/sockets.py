@@ -3,8 +3,12 @@
 Rules this module enforces:
 - ``SO_REUSEPORT`` on every group socket, never ``SO_REUSEADDR`` (it lets
   another uid bind the port and steal unicast);
-- multicast sockets set ``IP_MULTICAST_ALL`` to 0 so they only see the
-  groups they joined;
+- every socket sets ``IP_MULTICAST_ALL`` (``IPV6_MULTICAST_ALL``) to 0, so it
+  only sees the groups it joined itself: with the default, a unicast socket
+  on 0.0.0.0:P gets a copy of every group on port P that anything on the host
+  joined;
+- a filtered (shard) socket refuses everything from before it is bound until
+  it is given its share, so it never takes another socket's datagrams;
 - a socket leaves its reuseport group only by ``connect()`` (to drain) or by
   its last close, so the master keeps each one for its whole life.
 """
@@ -18,7 +22,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -41,38 +45,53 @@ def family_of(host: str) -> socket.AddressFamily:
 # -- classic BPF ---------------------------------------------------------------
 
 Insn = tuple[int, int, int, int]
+DROP_ALL: Final[list[Insn]] = [(0x06, 0, 0, 0)]
 
 
-def shard_filter(index: int, count: int, ipv6: bool) -> list[Insn]:
-    """Keep a datagram iff hash(source address, source port) % count == index.
+def _source_words(ipv6: bool) -> list[int]:
+    """BPF load offsets of the source address's 32-bit words, in the IP header."""
+    first = 8 if ipv6 else 12
+    return [(SKF_NET_OFF + first + 4 * i) & 0xFFFFFFFF for i in range(4 if ipv6 else 1)]
 
-    A socket filter sees the UDP header at offset 0 and the IP header at
-    SKF_NET_OFF; the last 32 bits of the source address are enough to spread
-    hosts, and the port spreads flows of one host.
+
+def shard_filter(shares: Sequence[tuple[int, int]], ipv6: bool) -> list[Insn]:
+    """Keep a datagram iff hash(source) % count == index for any (index, count) share.
+
+    No shares: drop everything. A socket filter sees the UDP header at offset
+    0 and the IP header at SKF_NET_OFF. The hash folds every word of the
+    source address (so IPv6 hosts differing only in their high bits spread)
+    with the source port, which spreads the flows of one host.
     """
-    src_word = (SKF_NET_OFF + (20 if ipv6 else 12)) & 0xFFFFFFFF
-    return [
-        (0x28, 0, 0, 0),  # ldh [0]            source port
-        (0x07, 0, 0, 0),  # tax
-        (0x20, 0, 0, src_word),  # ld [net+off]  source address (low word)
-        (0xAC, 0, 0, 0),  # xor x
-        (0x24, 0, 0, _KNUTH),  # mul #knuth
-        (0x74, 0, 0, 16),  # rsh #16
-        (0x94, 0, 0, count),  # mod #count
-        (0x15, 0, 1, index),  # jeq #index, keep, drop
-        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1  keep whole datagram
-        (0x06, 0, 0, 0),  # ret #0   drop
-    ]
+    if not shares:
+        return list(DROP_ALL)
+    prog: list[Insn] = [(0x28, 0, 0, 0)]  # ldh [0]          source port
+    for word in _source_words(ipv6):
+        prog += [
+            (0x07, 0, 0, 0),  # tax
+            (0x20, 0, 0, word),  # ld [net+off]   one word of the source address
+            (0xAC, 0, 0, 0),  # xor x
+        ]
+    prog += [(0x24, 0, 0, _KNUTH), (0x74, 0, 0, 16)]  # mul #knuth; rsh #16
+    if len(shares) > 1:
+        prog.append((0x02, 0, 0, 0))  # st M[0]   the hash, for the next share
+    last = len(prog) + 3 * len(shares) - 1  # index of the final "ret #0"
+    for i, (index, count) in enumerate(shares):
+        if i:
+            prog.append((0x60, 0, 0, 0))  # ld M[0]
+        prog.append((0x94, 0, 0, count))  # mod #count
+        # jeq #index: on a match jump to "ret #-1", just past the final "ret #0".
+        prog.append((0x15, last - len(prog), 0, index))
+    prog += [(0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]  # ret #0 (drop); ret #-1 (keep)
+    return prog
 
 
 def shard_of(src_ip: str, src_port: int, count: int) -> int:
-    """The slot ``shard_filter`` keeps for this source (for tests and docs)."""
-    packed = ipaddress.ip_address(src_ip).packed[-4:]
-    a = (int(struct.unpack("!I", packed)[0]) ^ src_port) * _KNUTH & 0xFFFFFFFF
-    return (a >> 16) % count
-
-
-DROP_ALL: Final[list[Insn]] = [(0x06, 0, 0, 0)]
+    """The share index ``shard_filter`` keeps this source in (for tests and docs)."""
+    packed = ipaddress.ip_address(src_ip).packed
+    folded = src_port
+    for (word,) in struct.iter_unpack("!I", packed):
+        folded ^= word
+    return ((folded * _KNUTH & 0xFFFFFFFF) >> 16) % count
 
 
 def attach_filter(sock: socket.socket, prog: list[Insn]) -> None:
@@ -158,7 +177,7 @@ def find_port_conflicts(addrs: Iterable[Address], existing: list[ProcSocket]) ->
 # -- creating sockets ----------------------------------------------------------
 
 
-def _ifindex_of(addr: str) -> int:
+def ifindex_of(addr: str) -> int:
     """The interface index owning an IPv6 address (from /proc/net/if_inet6)."""
     want = ipaddress.ip_address(addr).packed.hex()
     try:
@@ -171,23 +190,57 @@ def _ifindex_of(addr: str) -> int:
     raise StartupError(f"no interface has the IPv6 address {addr}")
 
 
-def join_group(sock: socket.socket, group: str, interface: str | None) -> None:
+def _set_membership(sock: socket.socket, listener: Listener, join: bool) -> None:
+    group, interface = listener.address.host, listener.multicast_interface
     if ":" in group:
-        ifindex = _ifindex_of(interface) if interface else 0
+        ifindex = ifindex_of(interface) if interface else 0
         mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
-        if ifindex:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+        opt = socket.IPV6_JOIN_GROUP if join else socket.IPV6_LEAVE_GROUP
+        sock.setsockopt(socket.IPPROTO_IPV6, opt, mreq)
     else:
-        iface = socket.inet_aton(interface or "0.0.0.0")
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                        socket.inet_aton(group) + iface)
-        if interface:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+        mreq = socket.inet_aton(group) + socket.inet_aton(interface or "0.0.0.0")
+        opt = socket.IP_ADD_MEMBERSHIP if join else socket.IP_DROP_MEMBERSHIP
+        sock.setsockopt(socket.IPPROTO_IP, opt, mreq)
 
 
-def open_socket(listener: Listener, *, reuseport: bool) -> socket.socket:
-    """A bound, non-blocking UDP socket for ``listener``."""
+def join_group(sock: socket.socket, listener: Listener) -> None:
+    """Make ``sock`` a member of the listener's group on its interface."""
+    _set_membership(sock, listener, join=True)
+
+
+def leave_group(sock: socket.socket, listener: Listener) -> None:
+    """Stop the listener's group reaching ``sock``; what is queued stays."""
+    _set_membership(sock, listener, join=False)
+
+
+def apply_multicast_options(sock: socket.socket, listener: Listener) -> None:
+    """Set what ``sock`` sends to groups with: the listener's TTL, loopback and interface.
+
+    Called when the socket is made and again before each new worker gets it:
+    these options live on the socket, which outlives workers, so what one
+    worker set (``setTTL``, ``setOutgoingInterface``) would leak into the next.
+    """
+    interface = listener.multicast_interface
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, listener.multicast_ttl)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP,
+                        int(listener.multicast_loopback))
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,
+                        ifindex_of(interface) if interface else 0)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, listener.multicast_ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP,
+                        int(listener.multicast_loopback))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                        socket.inet_aton(interface or "0.0.0.0"))
+
+
+def open_socket(listener: Listener, *, reuseport: bool, filtered: bool = False) -> socket.socket:
+    """A bound, non-blocking UDP socket for ``listener``.
+
+    ``filtered``: attach a filter refusing everything before binding; the
+    caller gives the socket its share later (see ``shard_filter``).
+    """
     addr = listener.address
     fam = family_of(addr.host)
     sock = socket.socket(fam, socket.SOCK_DGRAM)
@@ -198,20 +251,25 @@ def open_socket(listener: Listener, *, reuseport: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.rcvbuf)
         if listener.sndbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listener.sndbuf)
-        if listener.multicast:
-            if fam == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+        if fam == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+        if filtered:
+            attach_filter(sock, DROP_ALL)
+        apply_multicast_options(sock, listener)
         sock.bind((addr.host, addr.port))
         if listener.multicast:
-            join_group(sock, addr.host, listener.multicast_interface)
+            join_group(sock, listener)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         what = "bind" if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) else "set up"
         raise StartupError(f"cannot {what} {addr} for listener {listener.name!r}: "
                            f"{exc.strerror or exc}") from None
+    except StartupError:
+        sock.close()
+        raise
     return sock
 
 

@@ -6,9 +6,15 @@ How many sockets a listener needs follows from its kind:
   worker may ``connect()`` it;
 - multicast ``fanout``: one socket per slot, each getting a copy;
 - multicast ``shard``: one socket per slot, each with a BPF filter keeping
-  its share of sources, so no worker wakes for another's datagrams;
+  its share of sources, so no worker wakes for another's datagrams; plus one
+  *tally* socket refusing everything, whose drop counter says how many
+  datagrams reached the listener (see ``shardudp.drops``);
 - multicast ``single``: one socket shared by every slot, read by the leader
   only; when the leader dies its queue is still there for the next one.
+
+The exporter's thread reads these sockets' kernel counters while the master
+opens and closes them: both hold ``_lock`` (the master only while changing
+the set, for a few system calls).
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Literal
 
-from . import sockets
+from . import sockets, sockstats
 from .config import Listener
+from .drops import SHARED, DropBook, Reading, Role
+from .errors import StartupError
 
 log = logging.getLogger("shardudp.sockets")
 
 Kind = Literal["group", "private", "shard", "fanout", "single"]
+#: (index, count): keep the sources whose hash % count == index.
+Share = tuple[int, int]
 
 
 def kind_of(listener: Listener) -> Kind:
@@ -52,33 +64,65 @@ class SocketSet:
         self.listeners = listeners
         self._by_slot: dict[int, list[SlotSocket]] = {}
         self._single: dict[str, socket.socket] = {}
+        self._tally: dict[str, socket.socket] = {}
+        # The shares each shard socket's filter keeps now; () refuses everything.
+        self._shares: dict[socket.socket, tuple[Share, ...]] = {}
         self._logged_rcvbuf: set[str] = set()
         self._detached: set[int] = set()
+        self._drops = DropBook()
+        self._lock = threading.Lock()
 
     def open_slot(self, slot: int) -> None:
         """Create (and bind) this slot's sockets; raises StartupError."""
-        made: list[SlotSocket] = []
-        try:
-            for lst in self.listeners:
-                kind = kind_of(lst)
-                if kind == "single":
-                    sock = self._single.get(lst.name)
-                    if sock is None:
-                        sock = self._single[lst.name] = sockets.open_socket(lst, reuseport=True)
-                else:
-                    sock = sockets.open_socket(lst, reuseport=kind != "private")
-                made.append(SlotSocket(lst, sock, kind))
-                self._log_rcvbuf(lst, sock)
-        except BaseException:
-            for ss in made:
-                if ss.kind != "single":
-                    ss.sock.close()
-            raise
-        self._by_slot[slot] = made
-        self._refilter()
+        with self._lock:
+            made: list[SlotSocket] = []
+            try:
+                for lst in self.listeners:
+                    made.append(SlotSocket(lst, self._open(lst), kind_of(lst)))
+            except BaseException:
+                for ss in made:
+                    if ss.kind != "single":
+                        self._shares.pop(ss.sock, None)
+                        ss.sock.close()
+                raise
+            self._by_slot[slot] = made
+            # Sampled while its new shard sockets still refuse everything:
+            # that keeps the shard drop arithmetic exact (shardudp.drops).
+            self._sample()
+            self._refilter()
+
+    def _open(self, lst: Listener) -> socket.socket:
+        kind = kind_of(lst)
+        if kind == "single":
+            sock = self._single.get(lst.name)
+            if sock is None:
+                sock = self._single[lst.name] = sockets.open_socket(lst, reuseport=True)
+        elif kind == "shard":
+            if lst.name not in self._tally:
+                self._tally[lst.name] = sockets.open_socket(lst, reuseport=True, filtered=True)
+            sock = sockets.open_socket(lst, reuseport=True, filtered=True)
+            self._shares[sock] = ()
+        else:
+            sock = sockets.open_socket(lst, reuseport=kind != "private")
+        self._log_rcvbuf(lst, sock)
+        return sock
 
     def for_slot(self, slot: int) -> list[SlotSocket]:
-        return list(self._by_slot.get(slot, ()))
+        """The sockets a new worker of ``slot`` is handed.
+
+        Their multicast options (TTL, loopback, outgoing interface) are first
+        reset to the listener's: they live on the socket, so a previous
+        worker's ``setTTL`` would otherwise carry over. A single-mode socket
+        is shared: resetting it also resets it for the current leader.
+        """
+        out = list(self._by_slot.get(slot, ()))
+        for ss in out:
+            try:
+                sockets.apply_multicast_options(ss.sock, ss.listener)
+            except (OSError, StartupError) as exc:
+                log.warning("listener %s: cannot reset multicast options for slot %d: %s",
+                            ss.listener.name, slot, exc)
+        return out
 
     def slots(self) -> list[int]:
         return sorted(self._by_slot)
@@ -91,27 +135,47 @@ class SocketSet:
 
     def detach_slot(self, slot: int) -> None:
         """Keep the slot's queues but stop new datagrams arriving (scale down)."""
+        with self._lock:
+            self._detach(slot)
+
+    def _detach(self, slot: int) -> None:
         for ss in self._by_slot.get(slot, ()):
             if ss.kind == "group":
                 sockets.detach_from_group(ss.sock)
-            elif ss.kind in ("shard", "fanout"):
-                sockets.attach_filter(ss.sock, sockets.DROP_ALL)
+            elif ss.kind == "fanout":
+                # Not a drop-all filter: the kernel would count every datagram
+                # it refuses as a drop of this slot.
+                sockets.leave_group(ss.sock, ss.listener)
         self._detached.add(slot)
-        self._refilter()
+        self._refilter()  # shard: the others take over its share, then it refuses all
 
     def close_slot(self, slot: int) -> None:
-        for ss in self._by_slot.pop(slot, ()):
-            if ss.kind != "single":
-                ss.sock.close()
-        self._detached.discard(slot)
-        self._refilter()
+        with self._lock:
+            if slot not in self._by_slot:
+                return
+            if slot not in self._detached:
+                self._detach(slot)  # so that no datagram of its share is lost
+            self._sample()  # the last word of the sockets about to close
+            closing = [ss.sock for ss in self._by_slot.pop(slot) if ss.kind != "single"]
+            self._drops.forget(closing)
+            for sock in closing:
+                self._shares.pop(sock, None)
+                sock.close()
+            self._detached.discard(slot)
 
     def close_all(self) -> None:
-        for slot in list(self._by_slot):
-            self.close_slot(slot)
-        for sock in self._single.values():
-            sock.close()
-        self._single.clear()
+        with self._lock:
+            for lst in self._by_slot.values():
+                for ss in lst:
+                    if ss.kind != "single":
+                        ss.sock.close()
+            for sock in [*self._single.values(), *self._tally.values()]:
+                sock.close()
+            self._by_slot.clear()
+            self._single.clear()
+            self._tally.clear()
+            self._shares.clear()
+            self._detached.clear()
 
     def forget_in_child(self) -> None:
         """In a forked worker: drop the master's socket objects without closing.
@@ -121,17 +185,68 @@ class SocketSet:
         """
         for _, ss in self.all_sockets():
             ss.sock.detach()
-        for sock in self._single.values():
+        for sock in [*self._single.values(), *self._tally.values()]:
             sock.detach()
 
+    def kernel_stats(self) -> sockstats.KernelStats:
+        """Drops, queue and buffer of every listener, read now; safe from any thread.
+
+        Drops are monotonic totals (see ``shardudp.drops``): per slot where a
+        socket is the slot's own, under ``SHARED`` for the single-mode socket
+        and for shard overflow. The tally socket is not listed.
+        """
+        with self._lock:
+            return self._sample()
+
+    def _sample(self) -> sockstats.KernelStats:
+        entries = list(self._entries())
+        stats = sockstats.read_sockets([sock for sock, *_ in entries])
+        self._drops.update(
+            Reading(sock, name, label, role, st.drops if st is not None else None)
+            for (sock, name, label, role), st in zip(entries, stats, strict=True))
+        queues = {(label, name): (st.rx_queue_bytes, st.rcvbuf_bytes)
+                  for (_, name, label, role), st in zip(entries, stats, strict=True)
+                  if st is not None and role != "tally"}
+        return sockstats.KernelStats(drops=self._drops.totals(), queues=queues)
+
+    def _entries(self) -> Iterator[tuple[socket.socket, str, str, Role]]:
+        """(socket, listener, slot label, role) of every socket, each once.
+
+        Tallies come last: read after the members, a datagram arriving
+        mid-sample can only make shard overflow look smaller, for one sample.
+        """
+        for slot, ss in self.all_sockets():
+            if ss.kind != "single":
+                role: Role = "member" if ss.kind == "shard" else "socket"
+                yield ss.sock, ss.listener.name, str(slot), role
+        for name, sock in self._single.items():
+            yield sock, name, SHARED, "socket"
+        for name, sock in self._tally.items():
+            yield sock, name, SHARED, "tally"
+
     def _refilter(self) -> None:
-        """Give each live shard socket its share; called whenever slots change."""
+        """Give each live shard socket its share of sources; called whenever slots change.
+
+        Two phases, so that no datagram is ever refused by every socket: first
+        each live socket keeps its new share on top of its old one, then only
+        the new one (a detached socket: nothing). A datagram arriving between
+        the two phases, a few microseconds, may be handled twice, never zero
+        times.
+        """
         live = [s for s in sorted(self._by_slot) if s not in self._detached]
-        for index, slot in enumerate(live):
-            for ss in self._by_slot[slot]:
-                if ss.kind == "shard":
-                    prog = sockets.shard_filter(index, len(live), ss.sock.family == socket.AF_INET6)
-                    sockets.attach_filter(ss.sock, prog)
+        want = {slot: ((i, len(live)),) for i, slot in enumerate(live)}
+        shard = [(slot, ss) for slot, ss in self.all_sockets() if ss.kind == "shard"]
+        for slot, ss in shard:
+            now = self._shares[ss.sock]
+            if slot in want and want[slot][0] not in now:
+                self._set_shares(ss.sock, now + want[slot])
+        for slot, ss in shard:
+            if self._shares[ss.sock] != want.get(slot, ()):
+                self._set_shares(ss.sock, want.get(slot, ()))
+
+    def _set_shares(self, sock: socket.socket, shares: tuple[Share, ...]) -> None:
+        sockets.attach_filter(sock, sockets.shard_filter(shares, sock.family == socket.AF_INET6))
+        self._shares[sock] = shares
 
     def _log_rcvbuf(self, lst: Listener, sock: socket.socket) -> None:
         if not lst.rcvbuf or lst.name in self._logged_rcvbuf:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Final
@@ -48,6 +48,18 @@ class SocketStats:
     drops: int
     rx_queue_bytes: int
     rcvbuf_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStats:
+    """What the master's sockets say, keyed by (slot label, listener name).
+
+    ``drops`` are monotonic totals (``shardudp.drops``); ``queues`` maps to
+    (receive queue bytes, receive buffer bytes) of the socket read just now.
+    """
+
+    drops: Mapping[tuple[str, str], int]
+    queues: Mapping[tuple[str, str], tuple[int, int]]
 
 
 def read_meminfo(sock: socket.socket) -> SocketStats:

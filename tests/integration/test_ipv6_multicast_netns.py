@@ -1,16 +1,22 @@
-"""IPv6 multicast, in a network namespace this test creates (lo cannot do it)."""
+"""Multicast that needs a network namespace the test creates: IPv6 (lo cannot
+do it), routes of our own, and sockets bound to 0.0.0.0 without exposing them."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from harness import Server, free_port
+
+from shardudp.sockets import shard_of
 
 ADDR = "fd00:5d::1"  # a private address inside our own namespace only
 GROUP = "ff15::4242"
@@ -36,7 +42,7 @@ while len(replies) < n and time.monotonic() < deadline:
     for s in r:
         for _ in range(100):
             try:
-                replies.append(s.recv(100).decode())
+                replies.append([s.recv(100).decode(), s.getsockname()[1]])
             except BlockingIOError:
                 break
 deadline = time.monotonic() + 0.5
@@ -44,7 +50,7 @@ while time.monotonic() < deadline:  # a window in which duplicates would show
     r, _, _ = select.select(socks, [], [], 0.1)
     for s in r:
         try:
-            replies.append(s.recv(100).decode())
+            replies.append([s.recv(100).decode(), s.getsockname()[1]])
         except BlockingIOError:
             pass
 print(json.dumps(replies))
@@ -85,15 +91,170 @@ def test_ipv6_multicast_in_a_namespace(netns: str, mode: str, copies: int) -> No
     srv = Server(["run", "apps:Probe", "--multicast", f"[{GROUP}]:{port}", "--multicast-mode",
                   mode, "--multicast-interface", ADDR, "--workers", "2"], prefix=prefix)
     try:
+        slot_of = {str(pid): slot for slot, pid in srv.ready_pids(count=2, timeout=20).items()}
         srv.wait_line("all 2 workers ready", timeout=20)
         out = subprocess.run([*prefix, sys.executable, "-c", SENDER, GROUP, str(port), "dm0",
                               "100"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
-        replies = json.loads(out.stdout)
-        payloads = [r.split(":", 1)[1] for r in replies]
+        replies = [(*r.split(":", 1), sport) for r, sport in json.loads(out.stdout)]
+        payloads = [payload for _, payload, _ in replies]
         assert sorted(set(payloads)) == [f"v6-{i:04d}" for i in range(100)]
         assert len(payloads) == 100 * copies
-        workers = {r.split(":", 1)[0] for r in replies}
-        assert len(workers) == 2
+        assert {pid for pid, _, _ in replies} == set(slot_of)
+        if mode == "shard":
+            # The kernel's filter folds all 128 bits of the source, as shard_of does.
+            for pid, _, sport in replies:
+                assert shard_of(ADDR, sport, 2) == slot_of[pid]
+    finally:
+        srv.stop()
+
+
+# -- IPv4 in the namespace -----------------------------------------------------
+
+SENDER4 = r"""
+import json, select, socket, sys, time
+plan, want = json.loads(sys.argv[1]), int(sys.argv[2])
+joined = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # another process's membership
+for group in json.loads(sys.argv[3]):
+    joined.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                      socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
+socks = []
+for _ in range(10):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    s.setblocking(False)
+    socks.append(s)
+i = 0
+for host, port, n, tag in plan:
+    for k in range(n):
+        socks[i % len(socks)].sendto(b"%s-%04d" % (tag.encode(), k), (host, port))
+        i += 1
+replies = []
+deadline = time.monotonic() + 10
+while len(replies) < want and time.monotonic() < deadline:
+    r, _, _ = select.select(socks, [], [], 0.2)
+    for s in r:
+        for _ in range(100):
+            try:
+                replies.append(s.recv(100).decode())
+            except BlockingIOError:
+                break
+deadline = time.monotonic() + 0.5
+while time.monotonic() < deadline:  # a window in which extra copies would show
+    r, _, _ = select.select(socks, [], [], 0.1)
+    for s in r:
+        try:
+            replies.append(s.recv(100).decode())
+        except BlockingIOError:
+            pass
+print(json.dumps(replies))
+"""
+
+
+def _send4(netns: str, plan: list[tuple[str, int, int, str]], want: int,
+           join: tuple[str, ...] = ()) -> collections.Counter[str]:
+    """Run SENDER4 in the namespace; replies as a Counter of 'PID:payload'."""
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", SENDER4,
+                          json.dumps(plan), str(want), json.dumps(list(join))],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return collections.Counter(json.loads(out.stdout))
+
+
+def test_unicast_listener_sees_only_groups_its_own_worker_joined(
+    netns: str, tmp_path: Path
+) -> None:
+    """0.0.0.0:P with IP_MULTICAST_ALL left on would get a copy, per worker, of
+    every group on port P that anything on the host joined."""
+    port = free_port()
+    cfg = tmp_path / "shardudp.toml"
+    cfg.write_text(f"""
+workers = 3
+[[listener]]
+name = "u"
+bind = "0.0.0.0:{port}"
+app = "mcast_apps:Member"
+""")
+    srv = Server(["run", "--config", str(cfg)], prefix=["ip", "netns", "exec", netns],
+                 env={"MEMBER_JOIN": "239.255.50.2 127.0.0.1"})
+    try:
+        srv.wait_line("all 3 workers ready", timeout=20)
+        got = _send4(netns, [("239.255.50.1", port, 100, "g"), ("239.255.50.2", port, 50, "h"),
+                             ("127.0.0.1", port, 30, "u")], want=30 + 150,
+                     join=("239.255.50.1",))
+        by_tag = collections.defaultdict(list)
+        for reply, n in got.items():
+            pid, _, payload = reply.partition(":")
+            by_tag[payload[0]] += [(pid, payload)] * n
+        # A group only the sending process joined: no worker gets it.
+        assert "g" not in by_tag
+        # A group each worker joined on its own socket: fanout, one copy per worker.
+        assert len(by_tag["h"]) == 150
+        assert collections.Counter(p for _, p in by_tag["h"]) == {f"h-{i:04d}": 3
+                                                                   for i in range(50)}
+        assert len({pid for pid, _ in by_tag["h"]}) == 3
+        assert sorted(p for _, p in by_tag["u"]) == [f"u-{i:04d}" for i in range(30)]
+    finally:
+        srv.stop()
+
+
+def _route_multicast(netns: str, dev: str) -> None:
+    _ip("-n", netns, "route", "add", "224.0.0.0/4", "dev", dev)
+
+
+def test_unmodified_seed_ping_pong(netns: str) -> None:
+    """The how-to's server and client as written: 228.0.0.5:9999, no interface."""
+    _route_multicast(netns, "lo")
+    prefix = ["ip", "netns", "exec", netns]
+    srv = Server(["run", "workers.multicast_ping:MulticastPingPong", "--multicast",
+                  "228.0.0.5:9999", "--multicast-interface", "127.0.0.1", "--workers", "3"],
+                 prefix=prefix)
+    client = None
+    try:
+        srv.wait_line("all 3 workers ready", timeout=20)
+        client = Server(["run", "workers.multicast_ping:MulticastPingClient", "--bind",
+                         "127.0.0.1:0", "--workers", "2"], prefix=prefix)
+        client.wait_line(r"Datagram b'Server: Pong' received from \('127\.0\.0\.1', 9999\)",
+                         count=2)
+        srv.wait_line(r"Datagram b'Client: Ping' received from", count=2)
+        client.stop()
+        srv.stop()  # the logs are complete once both have exited
+        assert srv.log.count("Client: Ping") == 2  # one per client, each handled once
+        assert client.log.count("Server: Pong") == 2
+    finally:
+        if client is not None:
+            client.stop()
+        srv.stop()
+
+
+def _igmp_devices(netns: str, group: str) -> set[str]:
+    """Devices on which the namespace is a member of ``group`` (from /proc/net/igmp)."""
+    text = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/igmp"],
+                          capture_output=True, text=True, check=True, timeout=10).stdout
+    want = socket.inet_aton(group)[::-1].hex().upper()  # host-order hex, as /proc prints it
+    devices, dev = set(), ""
+    for line in text.splitlines()[1:]:
+        if not line.startswith("\t"):
+            dev = line.split()[1]
+        elif line.split()[0] == want:
+            devices.add(dev)
+    return devices
+
+
+@pytest.mark.parametrize("mode", ["shard", "single", "fanout"])
+def test_seed_join_without_interface_stays_on_the_listeners_interface(
+    netns: str, mode: str
+) -> None:
+    """The default multicast route goes out dm0; --multicast-interface says lo.
+    The seed's joinGroup("228.0.0.5") must not add a membership on dm0."""
+    _route_multicast(netns, "dm0")
+    srv = Server(["run", "workers.multicast_ping:MulticastPingPong", "--multicast",
+                  "228.0.0.5:9999", "--multicast-interface", "127.0.0.1", "--multicast-mode",
+                  mode, "--workers", "2"], prefix=["ip", "netns", "exec", netns])
+    try:
+        # READY comes after startProtocol, where the seed joins.
+        srv.wait_line("all 2 workers ready", timeout=20)
+        assert _igmp_devices(netns, "228.0.0.5") == {"lo"}
     finally:
         srv.stop()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 import os
+import re
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from harness import Flows, Server, serving
+from harness import Flows, Server, ctl, free_port, serving
 from prometheus_client.parser import text_string_to_metric_families
+
+from shardudp.sockets import shard_of
 
 FAST = ["--metrics", "127.0.0.1:0", "--metrics-interval", "0.2"]
 
@@ -62,43 +69,119 @@ def test_counters_equal_what_was_sent_and_split_by_worker() -> None:
                 flows.send(i, b"x" * 10)
             got += flows.collect(m, 10)
         assert len(got) == k
-        served = collections.Counter(str(slot_of[int(d.split(b":")[0])]) for _, d in got)
+        served: dict[str, float] = collections.Counter()
+        reply_bytes: dict[str, float] = collections.Counter()
+        for _, d in got:  # each reply names the worker's pid, hence its slot
+            slot = str(slot_of[int(d.split(b":")[0])])
+            served[slot] += 1
+            reply_bytes[slot] += len(d)
+        slots = ("0", "1", "2")
         final = wait_metric(mport, lambda ms: sum(
-            by_slot(ms, "shardudp_datagrams_received_total").values()) == k)
-        assert by_slot(final, "shardudp_datagrams_received_total") == {
-            s: float(served.get(s, 0)) for s in ("0", "1", "2")}
-        assert sum(by_slot(final, "shardudp_datagrams_sent_total").values()) == k
-        assert sum(by_slot(final, "shardudp_bytes_received_total").values()) == k * 10
-        assert sum(by_slot(final, "shardudp_handler_duration_seconds_count").values()) > 0
+            by_slot(ms, "shardudp_datagrams_sent_total").values()) == k)
+        # Per worker, exactly what it served; summed over workers, exactly K.
+        bytes_received = {s: v * 10 for s, v in served.items()}
+        for name, want in (("shardudp_datagrams_received_total", served),
+                           ("shardudp_datagrams_sent_total", served),
+                           ("shardudp_bytes_received_total", bytes_received),
+                           ("shardudp_bytes_sent_total", reply_bytes)):
+            assert by_slot(final, name) == {s: float(want.get(s, 0)) for s in slots}, name
+        assert sum(by_slot(final, "shardudp_datagrams_received_total").values()) == k
+        assert set(by_slot(final, "shardudp_send_errors_total").values()) == {0.0}
+        assert set(by_slot(final, "shardudp_handler_errors_total").values()) == {0.0}
+        durations = by_slot(final, "shardudp_handler_duration_seconds_count")
+        assert 0 < sum(durations.values()) <= k
         assert final["shardudp_worker_up"] == {(("slot", s),): 1.0 for s in ("0", "1", "2")}
         (info,) = final["shardudp_build_info"]
         assert dict(info)["version"]
 
 
-def test_counters_never_decrease_across_kill_9() -> None:
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_counters(port: int) -> Series:
+    """Every sample of every counter and histogram (values that must never go down),
+    and the process start times, which tell a process CPU counter's reset."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            if fam.type in ("counter", "histogram")
+            or fam.name == "shardudp_process_start_time_seconds" for s in fam.samples}
+
+
+def decreases(before: Series, after: Series) -> list[tuple[object, ...]]:
+    """Counter samples lower (or gone) in ``after``.
+
+    A worker's CPU time is its process's, as for any exporter: it may restart
+    from zero, but only together with a new start time (how Prometheus tells
+    a reset). Every other counter is the master's and never goes down.
+    """
+    out = []
+    for key, value in before.items():
+        name, labels = key
+        if name == "shardudp_process_start_time_seconds" or after.get(key, -1.0) >= value:
+            continue
+        start = ("shardudp_process_start_time_seconds", labels)
+        if name == "shardudp_process_cpu_seconds_total" and before.get(start) != after.get(start):
+            continue
+        out.append((key, value, after.get(key)))
+    return out
+
+
+class Scraper(threading.Thread):
+    """Scrapes every counter series every ~50 ms (bounded) until stopped."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.done = threading.Event()
+        self.scrapes: list[Series] = []
+
+    def run(self) -> None:
+        for _ in range(1000):
+            self.scrapes.append(scrape_counters(self.port))
+            if self.done.wait(0.05):  # scrape pacing, like a (fast) Prometheus
+                return
+
+
+def current_pids(srv: Server) -> dict[int, int]:
+    """slot -> pid of the latest READY worker of each slot."""
+    return {int(m.group(1)): int(m.group(2))
+            for m in re.finditer(r"worker slot=(\d+) pid=(\d+) ready", srv.log)}
+
+
+def test_every_counter_series_never_decreases_across_two_kill_9s() -> None:
     with serving("apps:WhoAmI", workers=2, extra=FAST) as (srv, port), Flows(20, port) as flows:
         mport = metrics_port(srv)
-        for _ in range(10):
-            for i in range(20):
-                flows.send(i, b"a")
-            assert len(flows.collect(20, 10)) == 20
-        before = wait_metric(mport, lambda ms: sum(
-            by_slot(ms, "shardudp_datagrams_received_total").values()) == 200)
-        victim = next(iter(srv.ready_pids(count=1).values()))
-        mark = srv.mark()
-        os.kill(victim, signal.SIGKILL)
-        srv.ready_pids(start=mark)
-        for _ in range(5):
-            for i in range(20):
-                flows.send(i, b"b")
-            assert len(flows.collect(20, 10)) == 20
-        after = wait_metric(mport, lambda ms: sum(
-            by_slot(ms, "shardudp_datagrams_received_total").values()) >= 300)
-        for name in ("shardudp_datagrams_received_total", "shardudp_bytes_sent_total"):
-            for labels, value in before[name].items():
-                assert after[name][labels] >= value, (name, labels)
-        restarts = by_slot(after, "shardudp_worker_restarts_total", reason="signal")
-        assert sum(restarts.values()) == 1
+        scraper = Scraper(mport)
+        rate = 400
+
+        def kill(slot: int) -> None:
+            mark = srv.mark()
+            os.kill(current_pids(srv)[slot], signal.SIGKILL)
+            srv.ready_pids(start=mark)
+
+        scraper.start()
+        try:
+            sent, replies = flows.stream(rate=rate, duration=3.0,
+                                         on_tick={0.3: lambda: kill(0), 0.6: lambda: kill(1)})
+            last = wait_metric(mport, lambda ms: sum(by_slot(
+                ms, "shardudp_worker_restarts_total", reason="signal").values()) == 2)
+        finally:
+            scraper.done.set()
+            scraper.join(10)
+        scrapes = scraper.scrapes
+        assert len(scrapes) >= 20
+        for before, after in itertools.pairwise(scrapes):
+            assert not decreases(before, after)
+        # The scrapes straddle both kills, and never count more than was sent.
+        restarts = [sum(v for (n, lab), v in sc.items()
+                        if n == "shardudp_worker_restarts_total" and ("reason", "signal") in lab)
+                    for sc in scrapes]
+        assert {0.0, 1.0}.issubset(restarts) and restarts == sorted(restarts)
+        # A killed worker's count since its last report (0.2 s) is lost; half a
+        # second of the whole stream per kill bounds that generously.
+        received = sum(by_slot(last, "shardudp_datagrams_received_total").values())
+        assert len(replies) - 2 * 0.5 * rate <= received <= sent
 
 
 def test_kernel_drops_of_a_stopped_worker_only() -> None:
@@ -187,3 +270,167 @@ def test_metrics_off_still_serves(interval: str) -> None:
         assert "shardudp_datagrams_received_total" not in m or \
             sum(by_slot(m, "shardudp_datagrams_received_total").values()) == 0
         assert m["shardudp_worker_up"]
+
+
+def health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def wait_health(port: int, status: int, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, body = health(port)
+        if got == status or time.monotonic() > deadline:
+            assert got == status, body
+            return body
+        time.sleep(0.05)  # scrape pacing; the event is the status changing
+
+
+def test_healthz_fails_while_a_worker_is_stopped_and_recovers_on_cont() -> None:
+    with serving("workers.echo:Echo", workers=2, extra=FAST) as (srv, port), \
+            Flows(1, port) as flows:
+        mport = metrics_port(srv)
+        assert health(mport)[0] == 200
+        slot, victim = next(iter(srv.ready_pids(count=1).items()))
+        mark = srv.mark()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            # Well before --timeout (30 s) would have it killed.
+            assert wait_health(mport, 503) == f"slots not responding: {slot}\n"
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert wait_health(mport, 200) == "ok\n"
+        assert current_pids(srv)[slot] == victim and "restarting" not in srv.log[mark:]
+        flows.send(0, b"alive")
+        assert [d for _, d in flows.collect(1, 5)] == [b"alive"]
+
+
+def test_scaled_down_slots_keep_their_counters_and_lose_their_gauges() -> None:
+    with serving("apps:WhoAmI", workers=3, extra=FAST) as (srv, port), Flows(30, port) as flows:
+        mport = metrics_port(srv)
+        for i in range(30):
+            flows.send(i, b"x")
+        assert len(flows.collect(30, 10)) == 30
+        before = wait_metric(mport, lambda ms: sum(
+            by_slot(ms, "shardudp_datagrams_received_total").values()) == 30)
+        assert by_slot(before, "shardudp_datagrams_received_total")["2"] > 0
+        mark = srv.mark()
+        assert ctl(srv, "scale", "2").returncode == 0
+        srv.wait_line("slot 2 drained and closed", start=mark)
+        after = wait_metric(mport, lambda ms: set(by_slot(ms, "shardudp_worker_up")) == {"0", "1"})
+        assert set(by_slot(after, "shardudp_worker_last_report_age_seconds")) == {"0", "1"}
+        assert by_slot(after, "shardudp_datagrams_received_total") == \
+            by_slot(before, "shardudp_datagrams_received_total")
+        assert "2" in by_slot(after, "shardudp_worker_restarts_total")
+
+
+# -- kernel drops by listener kind (appended with the socket drop accounting) ---
+
+GROUP = "239.255.42.98"
+
+
+def _mcast_senders(n: int) -> list[socket.socket]:
+    """Loopback-only multicast senders, each its own source port."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def _drops(m: dict[str, dict], listener: str) -> dict[str, float]:
+    return by_slot(m, "shardudp_socket_drops_total", listener=listener)
+
+
+def test_shard_filter_refusals_are_not_drops_and_overflow_is_exact() -> None:
+    port = free_port()
+    srv = Server(["run", "apps:WhoAmI", "--multicast", f"{GROUP}:{port}", "--name", "mc",
+                  "--multicast-mode", "shard", "--multicast-interface", "127.0.0.1",
+                  "--workers", "3", "--rcvbuf", "4096", "--timeout", "60", *FAST])
+    socks = _mcast_senders(30)
+    flows = Flows(0, 0)
+    flows.socks = socks
+    try:
+        srv.wait_line("all 3 workers ready", timeout=20)
+        mport = metrics_port(srv)
+        slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
+        for i in range(300):  # one at a time: the tiny buffers must not drop these
+            socks[i % 30].sendto(b"x", (GROUP, port))
+            assert len(flows.collect(1, 5)) == 1
+        m = wait_metric(mport, lambda ms: sum(
+            by_slot(ms, "shardudp_datagrams_received_total").values()) == 300)
+        # Each member refused 200 datagrams of other shards: no loss, no drops.
+        assert _drops(m, "mc") == {"shared": 0.0}
+        assert set(by_slot(m, "shardudp_socket_receive_queue_bytes", listener="mc")) == \
+            {"0", "1", "2"}
+
+        victim, victim_slot = next(iter(slot_of.items()))
+        mine = [s for s in socks if shard_of("127.0.0.1", s.getsockname()[1], 3) == victim_slot]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            for _ in range(100):
+                for s in mine:
+                    s.sendto(b"flood", (GROUP, port))
+            sent = 100 * len(mine)
+            wait_metric(mport, lambda ms: _drops(ms, "mc")["shared"] > 0)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        wait_metric(mport, lambda ms: by_slot(ms, "shardudp_socket_receive_queue_bytes",
+                                              listener="mc")[str(victim_slot)] == 0)
+        handled = flows.collect(10**6, 0.5)  # the replies to what was queued
+        assert 0 < len(handled) < sent
+        # Exactly what the stopped worker's full buffer could not take.
+        final = wait_metric(mport, lambda ms: _drops(ms, "mc")["shared"] == sent - len(handled))
+        status = json.loads(ctl(srv, "status", "--json").stdout)
+        assert status["listener_drops"] == {"mc": final["shardudp_socket_drops_total"][
+            (("listener", "mc"), ("slot", "shared"))]}
+    finally:
+        srv.stop()
+        for s in socks:
+            s.close()
+
+
+def test_slot_drops_never_decrease_across_scale_down_and_up() -> None:
+    extra = [*FAST, "--rcvbuf", "4096", "--timeout", "60", "--name", "u"]
+    with serving("apps:WhoAmI", workers=2, extra=extra) as (srv, port), Flows(40, port) as flows:
+        mport = metrics_port(srv)
+        victim = srv.ready_pids(count=2)[1]
+        owner = {}
+        for i in range(40):
+            flows.send(i, b"who")
+            ((flow, data),) = flows.collect(1, 5)
+            owner[flow] = int(data.split(b":")[0])
+        mine = [i for i, pid in owner.items() if pid == victim]
+        assert mine, "no flow hashed to slot 1"
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            for _ in range(200):
+                for i in mine:
+                    flows.send(i, b"f" * 200)
+            before = wait_metric(mport, lambda ms: _drops(ms, "u").get("1", 0) > 0)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        dropped = _drops(before, "u")["1"]
+        mark = srv.mark()
+        assert ctl(srv, "scale", "1").returncode == 0
+        srv.wait_line(r"slot 1 drained and closed", start=mark)
+        # The closed socket's drops stay in its slot's counter...
+        assert _drops(scrape(mport), "u")["1"] == dropped
+        mark = srv.mark()
+        assert ctl(srv, "scale", "2").returncode == 0
+        srv.ready_pids(start=mark)
+        # ...and the slot's new socket adds to them.
+        assert _drops(scrape(mport), "u")["1"] == dropped
+        status = json.loads(ctl(srv, "status", "--json").stdout)
+        assert {s["slot"]: s["drops"] for s in status["slots"]} == {0: 0, 1: dropped}
+        assert status["listener_drops"] == {"u": dropped}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import select
+import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +21,10 @@ import msgpack
 import pytest
 from harness import ROOT, Flows, Server, ctl, free_port, serving
 from test_multicast_connected import GROUP, McastSenders
+
+from shardudp import control, wire
+from shardudp.errors import StartupError
+from shardudp.server import _claim_pid_file, _release_pid_file
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -173,9 +181,56 @@ def test_control_socket_survives_fuzz_from_many_clients() -> None:
         assert json.loads(res.stdout)["healthy"]
         for s in socks:
             s.close()
+        # A trickling client is dropped, and one pipelining a full read of
+        # requests gets every answer while others are still served.
+        results: dict[str, object] = {}
+        workers = [threading.Thread(target=lambda: results.update(trickle=_trickle(srv.control))),
+                   threading.Thread(target=lambda: results.update(piped=_pipeline(srv.control)))]
+        for t in workers:
+            t.start()
+        res = ctl(srv, "status", "--json")
+        for t in workers:
+            t.join(30)
+        assert res.returncode == 0, res.stderr
+        assert results == {"trickle": "dropped", "piped": "all answered"}
         flows.send(0, b"still serving")
         assert [d for _, d in flows.collect(1, 5)] == [b"still serving"]
         assert srv.proc.poll() is None
+
+
+def _trickle(path: str) -> str:
+    """Send a request one byte a second; the server must not wait for it forever."""
+    frame = wire.encode_obj({"cmd": "status"})
+    deadline = time.monotonic() + control.REQUEST_TIMEOUT + 3
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        for byte in frame[:-1]:
+            s.send(bytes([byte]))
+            readable, _, _ = select.select([s], [], [], min(1.0, deadline - time.monotonic()))
+            if readable:
+                return "dropped" if s.recv(100) == b"" else "answered?"
+            if time.monotonic() >= deadline:
+                return "still connected"
+    return "request completed"
+
+
+def _pipeline(path: str) -> str:
+    frame = wire.encode_obj({"cmd": "status"})
+    n = control.MAX_REQUEST // len(frame)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(frame * n)
+        splitter = wire.FrameSplitter()
+        ok = 0
+        for _ in range(n):
+            data = s.recv(1 << 20)
+            if not data:
+                return f"dropped after {ok} answers"
+            ok += sum(msgpack.unpackb(p)["ok"] is True for p in splitter.feed(data))
+            if ok == n:
+                return "all answered"
+    return f"{ok} of {n} answered"
 
 
 def test_ctl_errors_are_clear() -> None:
@@ -226,6 +281,27 @@ def test_pid_file_written_removed_and_refuses_a_live_pid(tmp_path: Path) -> None
     assert not pid_file.exists()
 
 
+def _connect_as(uid: int, path: str) -> str:
+    """Connect to a unix socket from a child running as ``uid``; the exception name or 'ok'."""
+    outcomes = ("ok", "PermissionError", "other")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only makes syscalls, then leaves
+        code = 2
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+            code = 0
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return outcomes[os.waitstatus_to_exitcode(status)]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind port 999 and drop to nobody")
 def test_root_master_workers_run_as_nobody_on_port_999() -> None:
     port = 999
@@ -236,6 +312,11 @@ def test_root_master_workers_run_as_nobody_on_port_999() -> None:
                   "--user", "nobody"])
     try:
         srv.wait_line("all 2 workers ready")
+        # The control socket stays the master's: the APP, running as nobody,
+        # must not be able to scale or stop the root master.
+        st = os.stat(srv.control)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+        assert _connect_as(65534, srv.control) == "PermissionError"
         pids = list(srv.ready_pids(count=2).values())
         for pid in pids:
             uids = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -256,3 +337,221 @@ def test_root_master_workers_run_as_nobody_on_port_999() -> None:
             assert len(flows.collect(20, 5)) == 20
     finally:
         srv.stop()
+
+
+def _wait_healthy(path: str, timeout: float = 20.0) -> dict[str, object]:
+    """Ask ``status`` until every slot is ready (for servers that log to a file)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = control.call(path, {"cmd": "status"}, timeout=2)
+        except (OSError, control.ControlError) as exc:
+            last = exc
+        if isinstance(last, dict) and last["healthy"]:
+            return last
+        time.sleep(0.1)  # polling pace; the event is the status turning healthy
+    raise AssertionError(f"never healthy: {last!r}")
+
+
+def test_failing_reopen_logs_is_an_error_reply_and_the_server_keeps_serving(
+        tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log_file = log_dir / "shardudp.log"
+    with serving("workers.echo:Echo", workers=2, ready=False,
+                 extra=["--log-file", str(log_file)]) as (srv, port), Flows(1, port) as flows:
+        _wait_healthy(srv.control)
+        (log_dir / "shardudp.log").unlink()
+        log_dir.rmdir()
+        res = ctl(srv, "reopen-logs")
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        assert "reopen-logs failed" in res.stderr and "No such file or directory" in res.stderr
+        assert "Traceback" not in res.stderr
+        flows.send(0, b"still here")
+        assert [d for _, d in flows.collect(1, 5)] == [b"still here"]
+        st = json.loads(ctl(srv, "status", "--json").stdout)
+        assert st["healthy"] and len(st["slots"]) == 2
+        # Once the directory is back, reopening works and the log goes on.
+        log_dir.mkdir()
+        res = ctl(srv, "reopen-logs")
+        assert res.returncode == 0 and "reopened" in res.stdout, res.stderr
+        assert ctl(srv, "scale", "3").returncode == 0
+        deadline = time.monotonic() + 10
+        while "scaling up from 2 to 3" not in log_file.read_text():
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)  # polling pace; the event is the line in the file
+        assert srv.proc.poll() is None
+
+
+def test_second_server_clashing_on_the_control_socket_binds_nothing() -> None:
+    with serving("workers.echo:Echo", workers=1) as (first, _port), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        # The second server's port is taken too: had it bound UDP first, it
+        # would complain about the port rather than the control socket.
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        res = _cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}",
+                   env={"SHARDUDP_CONTROL": first.control})
+        assert res.returncode == 1, res.stderr
+        assert f"control socket {first.control} is served by a running shardudp" in res.stderr
+        assert "--control PATH" in res.stderr and "--control none" in res.stderr
+        assert "in use" not in res.stderr and "Traceback" not in res.stderr
+        # The first server's socket was left alone.
+        assert json.loads(ctl(first, "status", "--json").stdout)["healthy"]
+
+
+def test_own_control_directory_is_created_private_and_refused_if_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = tmp_path / "shardudp-own"
+    monkeypatch.setattr(control, "_own_dir", lambda: own)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    sel = selectors.DefaultSelector()
+    path = str(own / "control.sock")
+    old_umask = os.umask(0o022)
+    try:
+        srv = control.ControlServer(path, lambda req: None, sel)
+    finally:
+        os.umask(old_umask)
+    srv.close()
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700
+    own.chmod(0o755)
+    with pytest.raises(StartupError, match=r"open to other users \(mode 0755\); chmod 700"):
+        control.ControlServer(path, lambda req: None, sel)
+    own.chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(own, 65534, 65534)
+        with pytest.raises(StartupError, match="belongs to uid 65534, not to us"):
+            control.ControlServer(path, lambda req: None, sel)
+    own.rmdir()
+    own.symlink_to(tmp_path)
+    with pytest.raises(StartupError, match="is not a directory"):
+        control.ControlServer(path, lambda req: None, sel)
+    # A directory the operator names is theirs: /tmp itself is not ours, nor private.
+    named = control.ControlServer(str(tmp_path / "named.sock"), lambda req: None, sel)
+    assert stat.S_IMODE(os.stat(named.path).st_mode) == 0o600
+    named.close()
+    sel.close()
+
+
+def _turn(sel: selectors.BaseSelector, timeout: float = 1.0) -> int:
+    """One master loop turn, as far as the control socket is concerned."""
+    events = sel.select(timeout)
+    for key, mask in events:
+        key.data(mask)
+    return len(events)
+
+
+def test_a_pipelining_client_gets_a_batch_per_turn_and_every_answer(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def handler(req: control.Request) -> object:
+        calls.append(req.cmd)
+        return len(calls)
+
+    sel = selectors.DefaultSelector()
+    srv = control.ControlServer(str(tmp_path / "c.sock"), handler, sel)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(srv.path)
+            assert _turn(sel) == 1  # accepted
+            frame = wire.encode_obj({"cmd": "status"})
+            n = control.MAX_REQUEST // len(frame)  # one full read of requests
+            client.sendall(frame * n)
+            _turn(sel)
+            assert len(calls) == control.MAX_FRAMES_PER_TURN
+            client.setblocking(False)
+            splitter = wire.FrameSplitter()
+            answers: list[object] = []
+            for _ in range(2 * n):
+                if len(answers) == n:
+                    break
+                _turn(sel)
+                with contextlib.suppress(BlockingIOError):
+                    answers += [msgpack.unpackb(p)["result"]
+                                for p in splitter.feed(client.recv(1 << 20))]
+            assert answers == list(range(1, n + 1))
+    finally:
+        srv.close()
+        sel.close()
+
+
+def test_a_client_dropped_for_not_reading_gets_no_more_answers_computed(
+        tmp_path: Path) -> None:
+    calls: list[str] = []
+    big = "x" * 300_000
+
+    def handler(req: control.Request) -> object:
+        calls.append(req.cmd)
+        return big
+
+    sel = selectors.DefaultSelector()
+    srv = control.ControlServer(str(tmp_path / "c.sock"), handler, sel)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(srv.path)
+            _turn(sel)
+            client.sendall(wire.encode_obj({"cmd": "status"}) * control.MAX_FRAMES_PER_TURN)
+            for _ in range(10):
+                if not srv.conns:
+                    break
+                _turn(sel)
+            assert not srv.conns
+            reply = len(wire.encode_obj({"ok": True, "result": big}))
+            assert len(calls) == control.MAX_OUTBOX // reply + 1
+    finally:
+        srv.close()
+        sel.close()
+
+
+def test_pid_file_claim_is_atomic_and_replaces_only_stale_files(tmp_path: Path) -> None:
+    path = str(tmp_path / "run" / "x.pid")
+    fd = _claim_pid_file(path, 4242)
+    try:
+        assert Path(path).read_text() == "4242\n"
+        # A second claim (another open file: as another server would) is refused.
+        with pytest.raises(StartupError, match="process 4242 is still running"):
+            _claim_pid_file(path, 4343)
+    finally:
+        _release_pid_file(path, fd)
+    assert not Path(path).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    for stale in (f"{dead.pid}\n", "garbage", ""):
+        Path(path).write_text(stale)
+        fd = _claim_pid_file(path, 4444)
+        assert Path(path).read_text() == "4444\n"
+        _release_pid_file(path, fd)
+    # A live pid in a file nobody locks still counts (a server that predates locking).
+    Path(path).write_text(f"{os.getpid()}\n")
+    with pytest.raises(StartupError, match=f"process {os.getpid()} is still running"):
+        _claim_pid_file(path, 4545)
+
+
+def test_servers_started_together_on_one_pid_file_leave_one_running(tmp_path: Path) -> None:
+    pid_file = tmp_path / "shardudp.pid"
+    servers = [Server(["run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
+                       "--workers", "1", "--pid-file", str(pid_file)]) for _ in range(3)]
+    try:
+        pidfds = {os.pidfd_open(s.pid): s for s in servers}
+        exited: list[Server] = []
+        deadline = time.monotonic() + 20
+        try:
+            while len(exited) < 2 and time.monotonic() < deadline:
+                waiting = [fd for fd, s in pidfds.items() if s not in exited]
+                ready, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
+                exited += [pidfds[fd] for fd in ready]
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        assert [s.wait_exit(5) for s in exited] == [1, 1], [s.log for s in servers]
+        (winner,) = [s for s in servers if s not in exited]
+        winner.wait_line("all 1 workers ready")
+        assert winner.proc.poll() is None
+        assert pid_file.read_text() == f"{winner.pid}\n"
+        for srv in servers:
+            if srv is not winner:
+                assert "is still running" in srv.log and "Traceback" not in srv.log
+    finally:
+        for srv in servers:
+            srv.stop()

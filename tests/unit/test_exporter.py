@@ -6,27 +6,39 @@ import dataclasses
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardudp import sockstats
+from shardudp import config, sockstats
+from shardudp.drops import SHARED
 from shardudp.errors import StartupError
-from shardudp.exporter import ExportView, LatestView, ShardCollector, WorkerState, start_http
+from shardudp.exporter import (
+    ExportView,
+    LatestView,
+    MetricsServer,
+    ShardCollector,
+    WorkerState,
+    start_http,
+)
 from shardudp.metrics import MetricsBook
-from shardudp.sockstats import SocketStats
+from shardudp.server import Server
+from shardudp.sockstats import KernelStats
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
+from shardudp.supervision import Policy, Spawn, Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "shardudp.json"
@@ -59,6 +71,20 @@ def book() -> MetricsBook:
     return b
 
 
+def kernel_of(udp: socket.socket) -> Callable[[], KernelStats]:
+    """A kernel source over one socket of slot 0 (the master's is SocketSet.kernel_stats)."""
+
+    def read() -> KernelStats:
+        (st,) = sockstats.read_sockets([udp])
+        if st is None:
+            return KernelStats(drops={}, queues={})
+        key = ("0", "echo")
+        return KernelStats(drops={key: st.drops},
+                           queues={key: (st.rx_queue_bytes, st.rcvbuf_bytes)})
+
+    return read
+
+
 @pytest.fixture
 def view(book: MetricsBook, udp: socket.socket) -> LatestView:
     workers = {
@@ -71,6 +97,7 @@ def view(book: MetricsBook, udp: socket.socket) -> LatestView:
             workers=MappingProxyType(workers),
             sockets=((0, "echo", udp),),
             master_pid=os.getpid(),
+            kernel=kernel_of(udp),
         )
     )
 
@@ -299,25 +326,21 @@ def test_closed_socket_and_dead_pid_are_skipped(udp: socket.socket) -> None:
     }
 
 
-def test_shared_socket_is_counted_once_and_drop_wrap_is_unwrapped(
-    udp: socket.socket, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    raw = iter([2**32 - 10, 5])
-
-    def fake(socks: list[socket.socket]) -> list[SocketStats | None]:
-        assert len(socks) == 1  # the same socket listed for two slots is read once
-        return [SocketStats(drops=next(raw), rx_queue_bytes=0, rcvbuf_bytes=4608)]
-
-    monkeypatch.setattr(sockstats, "read_sockets", fake)
-    view = ExportView(sockets=((0, "mc", udp), (1, "mc", udp)))
-    collector = ShardCollector(lambda: view)
-
-    def drops() -> dict[tuple[tuple[str, str], ...], float]:
-        fams = {m.name: m for m in collector.collect()}
-        return values(fams["shardudp_socket_drops"], "shardudp_socket_drops_total")
-
-    assert drops() == {(("listener", "mc"), ("slot", "0")): 2**32 - 10}
-    assert drops() == {(("listener", "mc"), ("slot", "0")): 2**32 + 5}
+def test_kernel_stats_are_exported_as_the_source_says() -> None:
+    # Unwrapping and per-slot attribution happen in SocketSet (tests/unit/test_drops.py):
+    # the exporter must pass the totals through, the listener-wide SHARED series included.
+    stats = KernelStats(drops={("0", "mc"): 3, (SHARED, "mc"): 2**32 + 5},
+                        queues={("0", "mc"): (832, 4608)})
+    view = ExportView(kernel=lambda: stats)
+    fams = {m.name: m for m in ShardCollector(lambda: view).collect()}
+    assert values(fams["shardudp_socket_drops"], "shardudp_socket_drops_total") == {
+        (("listener", "mc"), ("slot", "0")): 3.0,
+        (("listener", "mc"), ("slot", SHARED)): 2.0**32 + 5,
+    }
+    assert values(fams["shardudp_socket_receive_queue_bytes"]) == {
+        (("listener", "mc"), ("slot", "0")): 832.0}
+    assert values(fams["shardudp_socket_receive_buffer_bytes"]) == {
+        (("listener", "mc"), ("slot", "0")): 4608.0}
 
 
 _NO_TWISTED = """
@@ -371,3 +394,148 @@ def test_view_does_not_follow_the_masters_later_mutations(udp: socket.socket) ->
     sockets.clear()
     assert list(view.workers) == [0] and len(view.sockets) == 1
     assert view.not_ready() == [0]
+
+
+def test_removed_slots_keep_their_counters_but_not_their_gauges(udp: socket.socket) -> None:
+    # Slots 0-4 served, then the server was scaled down to 0-2.
+    book = MetricsBook()
+    for slot in range(5):
+        book.report(slot, slot + 1, 1, {"echo": _body(10 * (slot + 1))}, now=100.0)
+    book.restart(4, "signal")
+    for slot in (3, 4):
+        book.retire(slot, slot + 1)
+    workers = {s: WorkerState(pid=os.getpid(), ready=True) for s in range(3)}
+    view = ExportView(book=book.snapshot(), workers=workers, sockets=((0, "echo", udp),))
+    fams = {m.name: m for m in ShardCollector(lambda: view, clock=lambda: 103.0).collect()}
+    current = {(("slot", str(s)),) for s in range(3)}
+    assert set(values(fams["shardudp_worker_up"])) == current
+    assert set(values(fams["shardudp_worker_last_report_age_seconds"])) == current
+    assert set(values(fams["shardudp_process_cpu_seconds"], "shardudp_process_cpu_seconds_total")
+               ) == {(("role", "worker"), ("slot", str(s))) for s in range(3)}
+    # Counters are forever: dropping them would read as a reset to zero.
+    rx = values(fams["shardudp_datagrams_received"], "shardudp_datagrams_received_total")
+    assert rx == {(("listener", "echo"), ("slot", str(s))): 10.0 * (s + 1) for s in range(5)}
+    restarts = values(fams["shardudp_worker_restarts"], "shardudp_worker_restarts_total")
+    assert restarts[(("reason", "signal"), ("slot", "4"))] == 1.0
+
+
+def test_healthz_names_slots_whose_worker_went_silent(udp: socket.socket) -> None:
+    view = LatestView(ExportView(workers={
+        0: WorkerState(pid=os.getpid(), ready=True),
+        1: WorkerState(pid=os.getpid(), ready=True, silent=True),
+        2: WorkerState(pid=None, ready=False),
+    }))
+    server, port = start_http("127.0.0.1", 0, view, lambda: False)
+    try:
+        status, _, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert (status, body) == (503, "slots not ready: 2; slots not responding: 1\n")
+    finally:
+        server.close()
+
+
+def test_listen_backlog_holds_a_burst_of_connections() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    # Nothing accepts: every connection has to wait in the listen queue.
+    server = MetricsServer(("127.0.0.1", 0), registry, LatestView(), lambda: True,
+                           socket.AF_INET)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(40)]
+    try:
+        for c in clients:
+            c.setblocking(False)
+            c.connect_ex(server.server_address[:2])
+        pending = list(clients)
+        deadline = time.monotonic() + 3
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], deadline - time.monotonic())
+            pending = [c for c in pending if c not in writable]
+        server.socket.setblocking(False)
+        accepted = 0
+        for _ in range(len(clients) + 1):
+            try:
+                conn, _ = server.socket.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            accepted += 1
+        assert accepted == len(clients)  # a backlog of 5 queues 6
+    finally:
+        for c in clients:
+            c.close()
+        server.server_close()
+
+
+# -- the master's side: what server.Server publishes and reports, on a fake clock
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def master() -> Iterator[tuple[Server, FakeClock]]:
+    cfg = config.build(cli={"app": "workers.echo:Echo", "bind": ["127.0.0.1:9"],
+                            "workers": "2", "control": "none"})
+    clock = FakeClock()
+    srv = Server(cfg, clock=clock)
+    sup = srv.sup = Supervisor(2, Policy(cfg.timeout, cfg.graceful_timeout, cfg.backoff_max),
+                               clock.now)
+    for action in sup.start():
+        assert isinstance(action, Spawn)
+        sup.spawned(action.slot, action.incarnation, 100 + action.slot, clock.now)
+        sup.ready(100 + action.slot, clock.now)
+    try:
+        yield srv, clock
+    finally:
+        srv.selector.close()
+        srv._wake_r.close()
+        srv._wake_w.close()
+
+
+def test_status_rate_is_current_not_a_trailing_average(
+    master: tuple[Server, FakeClock],
+) -> None:
+    srv, clock = master
+    rx, seq = 0, 0
+
+    def run(seconds: float, rate: int) -> None:
+        nonlocal rx, seq
+        for _ in range(int(seconds * 4)):  # the loop turns 4 times a second
+            clock.now += 0.25
+            rx += rate // 4
+            seq += 1
+            srv.book.report(0, 1, seq, {"echo": _body(rx)}, clock.now)
+            srv.after_loop()
+
+    def rate() -> float:
+        return float(srv.status()["slots"][0]["rx_rate"])
+
+    run(20, 1000)
+    assert rate() == 1000.0
+    run(3, 0)  # traffic stopped 3 s ago: an average over 16 s would still say ~800/s
+    assert rate() == 0.0
+    run(3, 400)
+    assert rate() == 400.0
+
+
+def test_a_ready_worker_gone_silent_fails_health_until_it_speaks(
+    master: tuple[Server, FakeClock],
+) -> None:
+    srv, clock = master
+    assert srv.sup is not None
+    srv.after_loop()
+    assert srv.healthy_view()
+    for _ in range(8):  # slot 0 heartbeats, slot 1 (pid 101) is stopped
+        clock.now += 0.5
+        srv.sup.heartbeat(100, clock.now)
+        srv.after_loop()
+    assert not srv.healthy_view()
+    assert srv.view().silent() == [1] and srv.view().not_ready() == []
+    status = srv.status()
+    assert (status["healthy"], status["silent_slots"]) == (False, [1])
+    srv.sup.heartbeat(101, clock.now)
+    srv.after_loop()
+    assert srv.healthy_view() and srv.status()["healthy"]

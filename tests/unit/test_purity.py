@@ -14,6 +14,7 @@ PURE = [
     "shardudp.config",
     "shardudp.stats",
     "shardudp.metrics",
+    "shardudp.drops",
 ]
 FORBIDDEN = {"socket", "selectors", "signal", "time", "twisted", "subprocess", "threading"}
 
