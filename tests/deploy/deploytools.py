@@ -1,6 +1,6 @@
 """Shared helpers for the deploy/ tests: where things are, and how to run the tools.
 
-The linters and Ansible come from the `deploy` extra (pip install -e '.[deploy]');
+The linters and Ansible come from the `test` extra (pip install -e '.[test]');
 a missing tool fails the test with that hint rather than skipping it, so a CI
 that forgot the extra goes red instead of silently green.
 """
@@ -34,7 +34,7 @@ def tool(name: str) -> str:
         return str(here)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found: install the deploy extra (pip install -e '.[deploy]')")
+        pytest.fail(f"{name} not found: install the test extra (pip install -e '.[test]')")
     return found
 
 

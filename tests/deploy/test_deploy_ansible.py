@@ -17,6 +17,7 @@ from types import ModuleType
 import pytest
 from deploytools import (
     ANSIBLE,
+    REPO,
     ROLE,
     TOOL_TIMEOUT,
     UNIT,
@@ -41,9 +42,13 @@ def test_example_inventory_has_several_hosts(tmp_path: Path) -> None:
     inv = json.loads(res.stdout[res.stdout.index("{"):])
     hosts = set(inv["_meta"]["hostvars"])
     assert len(hosts) >= 3
-    # group_vars next to the inventory reach the hosts.
+    # group_vars next to the inventory reach the hosts, and each says where
+    # shardudp comes from: a URL or a path, never a name looked up on PyPI.
     for host, hostvars in inv["_meta"]["hostvars"].items():
         assert hostvars["shardudp_listeners"], host
+        assert re.search(r"^/|://|@", hostvars["shardudp_source"]), host
+        if "git+" in hostvars["shardudp_source"]:
+            assert "git" in hostvars["shardudp_system_packages"], host
 
 
 def test_ansible_lint_passes_offline(tmp_path: Path) -> None:
@@ -60,6 +65,9 @@ def test_ansible_lint_passes_offline(tmp_path: Path) -> None:
     assert "Profile 'production' was required, and it passed" in res.stdout
 
 
+#: Stands for "this variable is not set at all".
+UNSET = object()
+
 BAD_INPUTS: dict[str, tuple[dict[str, object], str]] = {
     "unknown listener key": (
         {"shardudp_listeners": [{"app": "workers.echo:Echo", "bind": "127.0.0.1:1",
@@ -70,7 +78,11 @@ BAD_INPUTS: dict[str, tuple[dict[str, object], str]] = {
                                  "multicast": "239.255.42.99:5000"}]},
         "mutually exclusive: bind|multicast"),
     "zero workers": ({"shardudp_workers": 0}, "shardudp_workers must be a positive integer"),
-    "relative source": ({"shardudp_source": "./shardudp"}, "shardudp_source=./shardudp"),
+    "no source": ({"shardudp_source": UNSET}, "missing required arguments: shardudp_source"),
+    "relative source": ({"shardudp_source": "./shardudp"}, 'shardudp_source="./shardudp"'),
+    # Resolved on PyPI, where shardudp is not published: a stranger's package.
+    "plain requirement": ({"shardudp_source": "shardudp==0.1.0"},
+                          "would be looked up on PyPI, where shardudp is not published"),
     "duplicate names": (
         {"shardudp_listeners": [{"name": "a", "app": "x:Y", "bind": "127.0.0.1:1"},
                                 {"name": "a", "app": "x:Y", "bind": "127.0.0.1:2"}]},
@@ -81,6 +93,7 @@ BAD_INPUTS: dict[str, tuple[dict[str, object], str]] = {
 def test_bad_variables_fail_early_naming_the_problem(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     base: dict[str, object] = {
+        "shardudp_source": str(REPO),
         "shardudp_prefix": str(prefix / "opt"), "shardudp_config_dir": str(prefix / "etc"),
         "shardudp_sysctl_dir": str(prefix / "sysctl.d"),
         "shardudp_systemd_unit_dir": str(prefix / "systemd"),
@@ -92,8 +105,9 @@ def test_bad_variables_fail_early_naming_the_problem(tmp_path: Path) -> None:
     # The cases run side by side: each is a whole ansible-playbook start-up.
     procs = {}
     for i, (case, (bad, _)) in enumerate(sorted(BAD_INPUTS.items())):
+        variables = {k: v for k, v in {**base, **bad}.items() if v is not UNSET}
         vars_file = tmp_path / f"vars{i}.json"
-        vars_file.write_text(json.dumps({**base, **bad}))
+        vars_file.write_text(json.dumps(variables))
         procs[case] = subprocess.Popen(
             [tool("ansible-playbook"), "-i", str(inventory), "-e", f"@{vars_file}",
              str(ANSIBLE / "site.yml")], env=tool_env(tmp_path / f"home{i}"),
@@ -108,8 +122,9 @@ def test_bad_variables_fail_early_naming_the_problem(tmp_path: Path) -> None:
                 proc.wait(10)
     for case, (out, _) in outputs.items():
         expected = BAD_INPUTS[case][1]
+        flat = " ".join(out.split())  # messages are folded over lines
         assert procs[case].returncode != 0, f"{case}:\n{out}"
-        assert expected in out, f"{case}:\n{out}"
+        assert expected in flat, f"{case}:\n{out}"
         assert re.search(r"changed=0\s", out), f"{case}:\n{out}"
     assert not prefix.exists()
 
@@ -155,44 +170,68 @@ def check(mod: ModuleType, src: Path, stamp: Path, capsys: pytest.CaptureFixture
     return out
 
 
-def test_fingerprint_goes_stale_only_when_the_source_changes(
+PYPROJECT = """\
+[project]
+name = "x"
+readme = "README.md"
+
+[tool.setuptools]
+packages = ["pkg", "pkg.sub", "other"]
+"""
+
+
+def test_fingerprint_goes_stale_only_when_what_pip_packages_changes(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mod = load_fingerprint()
     src = tmp_path / "src"
-    (src / "pkg").mkdir(parents=True)
-    (src / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    (src / "pkg" / "a.py").write_text("A = 1\n")
+    for rel, text in {"pyproject.toml": PYPROJECT, "README.md": "x\n", "setup.py": "",
+                      "pkg/a.py": "A = 1\n", "pkg/sub/b.py": "", "other/c.py": "",
+                      "tests/test_a.py": "", "bench/results/run.json": "{}",
+                      "deploy/docker/Dockerfile": "FROM x\n", ".ci/run": ""}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
     stamp = tmp_path / "stamp"
 
     first = check(mod, src, stamp, capsys)
     assert first["stale"] is True  # nothing installed yet
+    assert "files=6\n" in str(first["stamp"])  # pyproject, setup.py, readme, 3 modules
     stamp.write_text(str(first["stamp"]))
     assert check(mod, src, stamp, capsys)["stale"] is False
 
-    # pip's in-tree build products and bytecode do not count...
-    (src / "build" / "lib").mkdir(parents=True)
-    (src / "build" / "lib" / "a.py").write_text("A = 1\n")
-    (src / "x.egg-info").mkdir()
-    (src / "x.egg-info" / "PKG-INFO").write_text("Name: x\n")
-    (src / "pkg" / "__pycache__").mkdir()
-    (src / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    # What the wheel is not built from: a new bench result, a test, the deploy
+    # files; pip's in-tree build products, bytecode, an in-place extension.
+    for rel in ("bench/results/run2.json", "tests/test_b.py", "deploy/docker/compose.yaml",
+                ".ci/other", "build/lib/pkg/a.py", "x.egg-info/PKG-INFO",
+                "pkg/__pycache__/a.cpython-311.pyc", "pkg/_ext.cpython-311-x86_64-linux-gnu.so"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("changed\n")
+    (src / "tests" / "test_a.py").write_text("changed\n")
     assert check(mod, src, stamp, capsys)["stale"] is False
 
-    # ...a changed, added or renamed source file does.
-    (src / "pkg" / "a.py").write_text("A = 2\n")
-    assert check(mod, src, stamp, capsys)["stale"] is True
-    (src / "pkg" / "a.py").write_text("A = 1\n")
-    (src / "pkg" / "b.py").write_text("")
-    assert check(mod, src, stamp, capsys)["stale"] is True
-    (src / "pkg" / "b.py").rename(src / "pkg" / "c.py")
-    assert check(mod, src, stamp, capsys)["stale"] is True
+    # What it is built from: a changed, added or renamed module, the readme,
+    # the build files.
+    for change in (lambda: (src / "pkg" / "a.py").write_text("A = 2\n"),
+                   lambda: (src / "pkg" / "sub" / "new.py").write_text(""),
+                   lambda: (src / "other" / "c.py").rename(src / "other" / "d.py"),
+                   lambda: (src / "README.md").write_text("y\n"),
+                   lambda: (src / "setup.py").write_text("# changed\n")):
+        change()
+        out = check(mod, src, stamp, capsys)
+        assert out["stale"] is True
+        stamp.write_text(str(out["stamp"]))
 
 
 def test_fingerprint_refuses_a_missing_source(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     mod = load_fingerprint()
     assert mod.main(["x", str(tmp_path / "nope"), str(tmp_path / "stamp")]) == 1
-    assert "not a directory" in capsys.readouterr().err
+    assert "no pyproject.toml there" in capsys.readouterr().err
+
+
+def test_fingerprint_of_this_repository_covers_its_packages() -> None:
+    paths = load_fingerprint().packaged_paths(str(REPO))
+    assert {"pyproject.toml", "README.md", "shardudp", "workers"} <= set(paths)
+    assert not {"tests", "bench", "deploy", ".ci"} & set(paths)
 
 
 def render_config(tmp_path: Path, variables: dict[str, object]) -> dict[str, object]:
@@ -224,7 +263,7 @@ def test_config_template_writes_typed_toml(tmp_path: Path) -> None:
     })
     assert doc["workers"] == 4
     assert doc["timeout"] == 30.0
-    assert doc["metrics"] == "127.0.0.1:9100"
+    assert doc["metrics"] == "127.0.0.1:29110"
     assert (doc["datapath"], doc["graceful_timeout"], doc["metrics_interval"]) == ("python", 2.5, 0)
     assert "user" not in doc and "pid_file" not in doc  # only when asked for
     assert doc["listener"] == [

@@ -1,6 +1,10 @@
 """The Ansible role for real: converge this machine into a temporary prefix with
 a temporary user, converge again (nothing may change), then run the server the
-way the unit would, from the rendered config, and talk to it on loopback.
+way the rendered unit would (as its User= and Group=, with its environment,
+runtime directories and ExecStartPre), from the rendered config, and talk to it
+on loopback. The venv is made with this machine's own python3, as on a fresh
+host, and the prefix is traversable like /opt: so a file the service user
+cannot read fails the test, as it would fail the service.
 
 Needs root (it creates a system user) and a host where systemd is not the
 running init (the service tasks must skip; on a systemd host they would install
@@ -18,11 +22,12 @@ import pwd
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -115,9 +120,26 @@ def remove_account(user: str) -> None:
     subprocess.run(["groupdel", user], capture_output=True, check=False, timeout=30)
 
 
+def system_python() -> str | None:
+    """This machine's own python3 (3.11 or newer, with venv), as a fresh host
+    has it: unlike the test's interpreter, every user can run it."""
+    probe = "import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))"
+    for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(path, os.X_OK) and run([path, "-c", probe], timeout=30).returncode == 0:
+            return path
+    return None
+
+
 @pytest.fixture(scope="module")
-def converged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converged]:
-    root = tmp_path_factory.mktemp("converge")
+def converged() -> Iterator[Converged]:
+    python = system_python()
+    if python is None:
+        pytest.skip("no system python3 >= 3.11 with venv (apt-get install python3-venv)")
+    # Not under pytest's basetemp, whose directories are 0700: the prefix must
+    # be as reachable as /opt is, so that only what the role creates decides
+    # whether the service user can read its venv and config.
+    root = Path(tempfile.mkdtemp(prefix="shardudp-converge-"))
+    root.chmod(0o755)
     user = "sdtest" + secrets.token_hex(4)
     with contextlib.suppress(KeyError):
         pwd.getpwnam(user)
@@ -129,8 +151,8 @@ def converged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converged]:
     prefix = root / "prefix"
     variables: dict[str, object] = {
         "shardudp_source": str(root / "src"),
-        "shardudp_python": sys.executable,
-        # This interpreter has venv already; no apt-get inside a test.
+        "shardudp_python": python,
+        # It has venv already; no apt-get inside a test.
         "shardudp_system_packages": [],
         "shardudp_prefix": str(prefix / "opt"),
         "shardudp_config_dir": str(prefix / "etc"),
@@ -213,14 +235,108 @@ def test_a_config_the_server_rejects_never_lands(converged: Converged) -> None:
 # -- the server, started from what the role rendered
 
 
+#: systemd's PATH for services, and the variables it sets for User=.
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+#: The *Directory= settings: systemd creates each, owned by User=, and says where.
+UNIT_DIRECTORIES = {"RuntimeDirectory": "RUNTIME_DIRECTORY", "StateDirectory": "STATE_DIRECTORY",
+                    "CacheDirectory": "CACHE_DIRECTORY", "LogsDirectory": "LOGS_DIRECTORY",
+                    "ConfigurationDirectory": "CONFIGURATION_DIRECTORY"}
+
+
+def unit_service(path: Path) -> dict[str, list[str]]:
+    """The [Service] section: each key with its values, in order."""
+    section = ""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+@dataclass
+class UnitProcess:
+    """What systemd would run for the unit: commands, credentials, environment."""
+
+    exec_start_pre: list[list[str]]
+    exec_start: list[str]
+    uid: int
+    gid: int
+    env: dict[str, str]
+    cwd: str
+
+
+def as_systemd_would(converged: Converged) -> UnitProcess:
+    svc = unit_service(converged.unit)
+    for key in svc:
+        assert key in KNOWN_UNIT_KEYS or key in UNIT_DIRECTORIES, f"unit key {key} not emulated"
+    account = pwd.getpwnam(svc["User"][-1])
+    gid = grp.getgrnam(svc["Group"][-1]).gr_gid
+    env = {"PATH": SYSTEMD_PATH, "HOME": account.pw_dir, "USER": account.pw_name,
+           "LOGNAME": account.pw_name, "SHELL": account.pw_shell}
+    for value in svc.get("Environment", []):
+        env.update(item.split("=", 1) for item in shlex.split(value))
+    for value in svc.get("EnvironmentFile", []):
+        env_file = Path(value.removeprefix("-"))
+        if env_file.exists() or not value.startswith("-"):
+            env.update(line.split("=", 1) for line in env_file.read_text().splitlines()
+                       if line.strip() and not line.startswith("#"))
+    for key, var in UNIT_DIRECTORIES.items():
+        for name in svc.get(key, []):
+            made = converged.root / "systemd" / key / name
+            made.mkdir(parents=True, exist_ok=True)
+            os.chown(made, account.pw_uid, gid)
+            env[var] = str(made)
+
+    def command(value: str) -> list[str]:
+        argv = shlex.split(value)
+        assert argv[0].startswith("/"), f"special ExecStart prefixes are not emulated: {value}"
+        return argv
+
+    return UnitProcess([command(v) for v in svc.get("ExecStartPre", [])],
+                       command(svc["ExecStart"][-1]), account.pw_uid, gid, env,
+                       svc.get("WorkingDirectory", ["/"])[-1])
+
+
+#: Keys that do not change how the process is started here (capabilities,
+#: sandboxing, restart policy, limits) or that as_systemd_would handles.
+KNOWN_UNIT_KEYS = {
+    "Type", "NotifyAccess", "User", "Group", "AmbientCapabilities", "CapabilityBoundingSet",
+    "Environment", "EnvironmentFile", "ExecStartPre", "ExecStart", "KillMode", "KillSignal",
+    "TimeoutStopSec", "Restart", "RestartSec", "RestartPreventExitStatus", "LimitNOFILE",
+    "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+    "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+    "RestrictAddressFamilies", "RestrictNamespaces", "LockPersonality",
+}
+
+
 class RunningServer:
+    """The unit's ExecStart, started as systemd would (after its ExecStartPre)."""
+
     def __init__(self, converged: Converged, config: Path, log: Path) -> None:
+        unit = as_systemd_would(converged)
+        self.unit = unit
+
+        def with_config(argv: list[str]) -> list[str]:
+            return [str(config) if a == str(converged.config) else a for a in argv]
+
+        creds = {"user": unit.uid, "group": unit.gid, "extra_groups": [], "umask": 0o022}
+        for pre in unit.exec_start_pre:
+            res = subprocess.run(with_config(pre), env=unit.env, cwd=unit.cwd,
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=60, check=False, **creds)
+            assert res.returncode == 0, f"ExecStartPre {pre}: {res.stdout}{res.stderr}"
         self.log_path = log
         self.log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [str(converged.venv / "bin" / "shardudp"), "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT,
-            env=converged.env, cwd=converged.root, start_new_session=True)
+            with_config(unit.exec_start), stdin=subprocess.DEVNULL, stdout=self.log_file,
+            stderr=subprocess.STDOUT, env=unit.env, cwd=unit.cwd, start_new_session=True,
+            **creds)
         STARTED_SESSIONS.add(self.proc.pid)
 
     @property
@@ -368,6 +484,15 @@ def test_server_runs_from_the_rendered_config(converged: Converged) -> None:
 
         # Counters arrive with the workers' periodic reports.
         wait_for(counted, 20.0, "datagram counters in /metrics")
+
+        # It runs as the unit's user, and its control socket is in the unit's
+        # RuntimeDirectory, where `shardudp status` finds it.
+        assert os.stat(f"/proc/{srv.proc.pid}").st_uid == pwd.getpwnam(converged.user).pw_uid
+        runtime = Path(srv.unit.env["RUNTIME_DIRECTORY"])
+        status = run([str(converged.venv / "bin" / "shardudp"), "status", "--json",
+                      "--control", str(runtime / "control.sock")], env=converged.env, timeout=30)
+        assert status.returncode == 0, status.stdout
+        assert json.loads(status.stdout)["workers"] == WORKERS
 
         workers = [p for p in session_pids(srv.proc.pid) if p != srv.proc.pid]
         assert len(workers) >= WORKERS, workers
