@@ -75,22 +75,26 @@ def matrix_tables(result: Result) -> list[str]:
     return out
 
 
+def _ratio_cell(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, int | float) else "-"
+
+
 def datapath_table(result: Result) -> list[str]:
     rows: list[Result] = result.get("datapath", [])
     if not rows:
         return []
     out = [
-        "### shardudp --datapath (1 worker, echo 64 B)",
+        "### shardudp --datapath (1 worker, echo 64 B), one interleaved run",
         "",
-        "| datapath | pps | µs CPU/dgram | loss | server CPU | pps vs stock Twisted"
-        " | CPU/dgram: Twisted ÷ this |",
-        "|---|---|---|---|---|---|---|",
+        "| datapath | pps | µs CPU/dgram | loss | server CPU | pps ÷ stock Twisted"
+        " | CPU: Twisted ÷ this | pps ÷ C echo | CPU: C echo ÷ this |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [r["datapath"], *_cells(r)]
-        for key in ("ratio_vs_twisted", "cpu_ratio_vs_twisted"):
-            v = r.get(key)
-            cells.append(f"{v:.2f}" if isinstance(v, int | float) else "-")
+        for key in ("ratio_vs_twisted", "cpu_ratio_vs_twisted", "ratio_vs_c_echo",
+                    "cpu_ratio_vs_c_echo"):
+            cells.append(_ratio_cell(r.get(key)))
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out
@@ -108,6 +112,82 @@ def metrics_table(result: Result) -> list[str]:
     ]
     for r in rows:
         out.append("| " + " | ".join([r["config"], *_cells(r)]) + " |")
+    on = rows[0]
+    if "overhead_cpu" in on:
+        out += [
+            "",
+            f"Cost of metrics: {_pct(on.get('overhead_cpu'))} more CPU per datagram,"
+            f" {_pct(on.get('overhead_pps'))} fewer datagrams per second (pps is the noisier"
+            " of the two on a shared machine).",
+        ]
+    out.append("")
+    return out
+
+
+def scaling_table(result: Result) -> list[str]:
+    rows: list[Result] = result.get("scaling", [])
+    if not rows:
+        return []
+    out = [
+        "### CPU per datagram against the number of workers (echo 64 B)",
+        "",
+        "| workers | pps | µs CPU/dgram | loss | server CPU | CPU/dgram ÷ 1 worker |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            "| " + " | ".join([str(r["workers"]), *_cells(r), _ratio_cell(r.get("cpu_vs_1"))])
+            + " |"
+        )
+    out.append("")
+    return out
+
+
+def _find(rows: list[Result], key: str, value: Any) -> Result | None:
+    return next((r for r in rows if r.get(key) == value and "error" not in r), None)
+
+
+def targets_table(result: Result) -> list[str]:
+    """Issue 7's bars, each with the number from this run that decides it."""
+    checks: list[tuple[str, str, Any, bool | None]] = []
+
+    def add(what: str, bar: str, value: Any, ok: bool | None, fmt: str = "{:.2f}") -> None:
+        shown = fmt.format(value) if isinstance(value, int | float) else "-"
+        checks.append((what, bar, shown, ok))
+
+    dp = result.get("datapath", [])
+    for name, bar_tw, bar_c in (("python", 1.4, None), ("c", 1.8, 0.8)):
+        r = _find(dp, "datapath", name)
+        for key, label in (("ratio_vs_twisted", "pps"), ("cpu_ratio_vs_twisted", "CPU")):
+            v = r.get(key) if r else None
+            add(f"{name} datapath ÷ stock Twisted ({label})", f">= {bar_tw}", v,
+                v >= bar_tw if isinstance(v, int | float) else None)
+        if bar_c is not None:
+            for key, label in (("ratio_vs_c_echo", "pps"), ("cpu_ratio_vs_c_echo", "CPU")):
+                v = r.get(key) if r else None
+                add(f"{name} datapath ÷ C echo ({label})", f">= {bar_c}", v,
+                    v >= bar_c if isinstance(v, int | float) else None)
+    m = result.get("metrics", [])
+    if m:
+        for key, label in (("overhead_cpu", "CPU/dgram"), ("overhead_pps", "pps")):
+            v = m[0].get(key)
+            add(f"metrics overhead ({label})", "<= 5%", v,
+                v <= 0.05 if isinstance(v, int | float) else None, "{:.1%}")
+    k = _find(result.get("kill", []), "fraction", 0.5)
+    if k:
+        add("lost across kill -9 at 50% load", "0", k.get("lost"), k.get("lost") == 0, "{}")
+    sc = [r for r in result.get("scaling", []) if isinstance(r.get("cpu_vs_1"), int | float)]
+    if len(sc) > 1:
+        worst = max(abs(r["cpu_vs_1"] - 1) for r in sc)
+        add(f"CPU/dgram for N = {', '.join(str(r['workers']) for r in sc)}, worst vs N=1",
+            "within noise (±10%)", worst, worst <= 0.10, "±{:.0%}")
+    if not checks:
+        return []
+    out = ["### Targets (issue 7), from this run", "", "| what | bar | measured | |",
+           "|---|---|---|---|"]
+    for what, bar, shown, ok in checks:
+        verdict = "-" if ok is None else "met" if ok else "missed"
+        out.append(f"| {what} | {bar} | {shown} | {verdict} |")
     out.append("")
     return out
 
@@ -174,7 +254,8 @@ def markdown(result: Result, plot_name: str | None) -> str:
         out.append(f"- {note}")
     if meta.get("notes"):
         out.append("")
-    for part in (matrix_tables, datapath_table, metrics_table, kill_table, evenness_table):
+    for part in (targets_table, matrix_tables, datapath_table, metrics_table, scaling_table,
+                 kill_table, evenness_table):
         out += part(result)
     if plot_name:
         out += [f"![bench plot]({plot_name})", ""]

@@ -26,7 +26,7 @@ from bench.harness import REPO, Load, measure
 from bench.scenarios import Context
 from bench.servers import baselines
 
-ALL_SCENARIOS = ("matrix", "datapath", "metrics", "kill", "evenness")
+ALL_SCENARIOS = ("matrix", "datapath", "metrics", "scaling", "kill", "evenness")
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float),
         default=1.0,
         help="seconds into the load to kill the worker",
+    )
+    p.add_argument(
+        "--scaling-workers",
+        type=_list,
+        default=["1", "2", "4"],
+        help="worker counts of the scaling scenario",
     )
     p.add_argument("--even-workers", type=_positive(int), default=4)
     p.add_argument("--even-flows", type=_positive(int), default=1000)
@@ -206,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = [int(s) for s in args.sizes]
         fractions = [float(f) for f in args.kill_fractions]
+        counts = [int(n) for n in args.scaling_workers]
     except ValueError as e:
-        print(f"bench: bad number in --sizes/--kill-fractions: {e}", file=sys.stderr)
+        print(
+            f"bench: bad number in --sizes/--kill-fractions/--scaling-workers: {e}",
+            file=sys.stderr,
+        )
         return 2
     if args.rcvbuf < 0:
         print(f"bench: --rcvbuf must be >= 0, got {args.rcvbuf}", file=sys.stderr)
@@ -290,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     if "metrics" in args.scenarios:
         result["metrics"] = scenarios.metrics(ctx)
         _save(result, args.out)
+    if "scaling" in args.scenarios:
+        result["scaling"] = scenarios.scaling(ctx, counts)
+        _save(result, args.out)
+
     if "kill" in args.scenarios:
         capacity = _median_pps(matrix_rows, f"shardudp-{workers}")
         if capacity is None and not shard_err:

@@ -176,27 +176,57 @@ def _baseline(ctx: Context, b: Baseline, mode: str) -> Starter:
 
 
 def datapath(ctx: Context) -> list[Row]:
-    """shardudp, 1 worker, echo 64 B, per --datapath, next to stock Twisted.
+    """shardudp, 1 worker, echo 64 B, per --datapath, next to stock Twisted and
+    the C recvmmsg echo, all in one interleaved run.
 
     The ratios are per worker: pps (noise-sensitive) and CPU per datagram
-    (stock Twisted's µs over this one's, >1 = cheaper than Twisted).
+    (the reference's µs over this one's, >1 = cheaper than the reference).
     """
     load = Load("echo", 64, ctx.duration, ctx.flows)
     starters: list[tuple[str, Starter]] = [
         (dp, _shard(ctx, ECHO_APP, 1, ["--datapath", dp])) for dp in ("twisted", "python", "c")
     ]
-    twisted = [b for b in ctx.baselines if b.name == "twisted"]
-    if twisted:
-        starters.insert(0, ("stock", _baseline(ctx, twisted[0], "echo")))
+    titles = {"stock": "stock Twisted listenUDP", "c-echo": "C recvmmsg/sendmmsg echo"}
+    refs = {"stock": "twisted", "c-echo": "c"}
+    for name, baseline in reversed(refs.items()):
+        found = [b for b in ctx.baselines if b.name == baseline]
+        if found:
+            starters.insert(0, (name, _baseline(ctx, found[0], "echo")))
     samples, errors = _interleaved(ctx, "datapath", starters, [load])
-    ref = None if "stock" in errors or not twisted else summarize(samples[("stock", load)])
+    measured = {name for name, _ in starters if name not in errors}
+    ref = {k: summarize(samples[(k, load)]) for k in refs if k in measured}
     rows = []
     for name, _ in starters:
-        head: Row = {"datapath": name if name != "stock" else "stock Twisted listenUDP"}
+        head: Row = {"datapath": titles.get(name, name)}
         row = _row(ctx, head, name, load, samples, errors)
-        if ref and "pps" in row:
-            row["ratio_vs_twisted"] = _ratio(row["pps"], ref["pps"])
-            row["cpu_ratio_vs_twisted"] = _ratio(ref["cpu_us_per_dgram"], row["cpu_us_per_dgram"])
+        for key, suffix in (("stock", "twisted"), ("c-echo", "c_echo")):
+            if key in ref and "pps" in row:
+                row[f"ratio_vs_{suffix}"] = _ratio(row["pps"], ref[key]["pps"])
+                row[f"cpu_ratio_vs_{suffix}"] = _ratio(
+                    ref[key]["cpu_us_per_dgram"], row["cpu_us_per_dgram"]
+                )
+        rows.append(row)
+    return rows
+
+
+def scaling(ctx: Context, counts: Sequence[int]) -> list[Row]:
+    """shardudp echo 64 B with 1, 2, 4... workers: CPU per datagram per worker.
+
+    With fewer server CPUs than workers the pps cannot grow; what must hold is
+    that a datagram costs the same CPU whatever N is (no per-worker overhead
+    on the data path).
+    """
+    load = Load("echo", 64, ctx.duration, ctx.flows)
+    starters = [(f"shardudp-{n}", _shard(ctx, ECHO_APP, n)) for n in counts]
+    samples, errors = _interleaved(ctx, "scaling", starters, [load])
+    rows = []
+    base: float | None = None
+    for n, (name, _) in zip(counts, starters, strict=True):
+        row = _row(ctx, {"workers": n}, name, load, samples, errors)
+        cpu = row.get("cpu_us_per_dgram")
+        if base is None and isinstance(cpu, float):
+            base = cpu
+        row["cpu_vs_1"] = _ratio(cpu, base)
         rows.append(row)
     return rows
 
@@ -221,7 +251,15 @@ def metrics(ctx: Context) -> list[Row]:
     }
     starters = [(label, _shard(ctx, ECHO_APP, 1, extra)) for label, extra in configs.items()]
     samples, errors = _interleaved(ctx, "metrics", starters, [load])
-    return [_row(ctx, {"config": label}, label, load, samples, errors) for label in configs]
+    rows = [_row(ctx, {"config": label}, label, load, samples, errors) for label in configs]
+    on, off = rows
+    if "pps" in on and "pps" in off:
+        # Positive = metrics cost that much; pps is noisier than CPU/dgram.
+        pps = _ratio(on["pps"], off["pps"])
+        cpu = _ratio(on["cpu_us_per_dgram"], off["cpu_us_per_dgram"])
+        on["overhead_pps"] = None if pps is None else 1 - pps
+        on["overhead_cpu"] = None if cpu is None else cpu - 1
+    return rows
 
 
 def kill_worker(
