@@ -81,22 +81,25 @@ def _ratio_cell(v: Any) -> str:
 
 def datapath_table(result: Result) -> list[str]:
     rows: list[Result] = result.get("datapath", [])
-    if not rows:
-        return []
-    out = [
-        "### shardudp --datapath (1 worker, echo 64 B), one interleaved run",
-        "",
-        "| datapath | pps | µs CPU/dgram | loss | server CPU | pps ÷ stock Twisted"
-        " | CPU: Twisted ÷ this | pps ÷ C echo | CPU: C echo ÷ this |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = [r["datapath"], *_cells(r)]
-        for key in ("ratio_vs_twisted", "cpu_ratio_vs_twisted", "ratio_vs_c_echo",
-                    "cpu_ratio_vs_c_echo"):
-            cells.append(_ratio_cell(r.get(key)))
-        out.append("| " + " | ".join(cells) + " |")
-    out.append("")
+    out: list[str] = []
+    for mode in ("echo", "sink"):
+        of_mode = [r for r in rows if r.get("mode", "echo") == mode]
+        if not of_mode:
+            continue
+        out += [
+            f"### shardudp --datapath (1 worker, {mode} 64 B), one interleaved run",
+            "",
+            "| datapath | pps | µs CPU/dgram | loss | server CPU | pps ÷ stock Twisted"
+            " | CPU: Twisted ÷ this | pps ÷ C server | CPU: C server ÷ this |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in of_mode:
+            cells = [r["datapath"], *_cells(r)]
+            for key in ("ratio_vs_twisted", "cpu_ratio_vs_twisted", "ratio_vs_c_echo",
+                        "cpu_ratio_vs_c_echo"):
+                cells.append(_ratio_cell(r.get(key)))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
     return out
 
 
@@ -155,7 +158,7 @@ def targets_table(result: Result) -> list[str]:
         shown = fmt.format(value) if isinstance(value, int | float) else "-"
         checks.append((what, bar, shown, ok))
 
-    dp = result.get("datapath", [])
+    dp = [r for r in result.get("datapath", []) if r.get("mode", "echo") == "echo"]
     for name, bar_tw, bar_c in (("python", 1.4, None), ("c", 1.8, 0.8)):
         r = _find(dp, "datapath", name)
         for key, label in (("ratio_vs_twisted", "pps"), ("cpu_ratio_vs_twisted", "CPU")):

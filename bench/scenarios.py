@@ -175,29 +175,37 @@ def _baseline(ctx: Context, b: Baseline, mode: str) -> Starter:
     return lambda: harness.BaselineServer(b.name, argv, ctx.server_cpus)
 
 
-def datapath(ctx: Context) -> list[Row]:
-    """shardudp, 1 worker, echo 64 B, per --datapath, next to stock Twisted and
-    the C recvmmsg echo, all in one interleaved run.
+def datapath(ctx: Context, modes: Sequence[str] = ("echo", "sink")) -> list[Row]:
+    """shardudp, 1 worker, 64 B, per --datapath, next to stock Twisted and the C
+    recvmmsg server, all in one interleaved run per mode.
 
     The ratios are per worker: pps (noise-sensitive) and CPU per datagram
     (the reference's µs over this one's, >1 = cheaper than the reference).
     """
-    load = Load("echo", 64, ctx.duration, ctx.flows)
+    rows: list[Row] = []
+    for mode in modes:
+        rows += _datapath_mode(ctx, mode)
+    return rows
+
+
+def _datapath_mode(ctx: Context, mode: str) -> list[Row]:
+    load = Load(mode, 64, ctx.duration, ctx.flows)
+    app = ECHO_APP if mode == "echo" else SINK_APP
     starters: list[tuple[str, Starter]] = [
-        (dp, _shard(ctx, ECHO_APP, 1, ["--datapath", dp])) for dp in ("twisted", "python", "c")
+        (dp, _shard(ctx, app, 1, ["--datapath", dp])) for dp in ("twisted", "python", "c")
     ]
-    titles = {"stock": "stock Twisted listenUDP", "c-echo": "C recvmmsg/sendmmsg echo"}
+    titles = {"stock": "stock Twisted listenUDP", "c-echo": "C recvmmsg/sendmmsg server"}
     refs = {"stock": "twisted", "c-echo": "c"}
     for name, baseline in reversed(refs.items()):
         found = [b for b in ctx.baselines if b.name == baseline]
         if found:
-            starters.insert(0, (name, _baseline(ctx, found[0], "echo")))
-    samples, errors = _interleaved(ctx, "datapath", starters, [load])
+            starters.insert(0, (name, _baseline(ctx, found[0], mode)))
+    samples, errors = _interleaved(ctx, f"datapath {mode}", starters, [load])
     measured = {name for name, _ in starters if name not in errors}
     ref = {k: summarize(samples[(k, load)]) for k in refs if k in measured}
     rows = []
     for name, _ in starters:
-        head: Row = {"datapath": titles.get(name, name)}
+        head: Row = {"datapath": titles.get(name, name), "mode": mode}
         row = _row(ctx, head, name, load, samples, errors)
         for key, suffix in (("stock", "twisted"), ("c-echo", "c_echo")):
             if key in ref and "pps" in row:
