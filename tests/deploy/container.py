@@ -152,11 +152,16 @@ def start(image: Image, service: Service | None, work: Path, files: dict[str, st
           links: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start the container; ``files`` are image paths with their text (COPY
     results), ``links`` image paths made symlinks (COPY --from results)."""
+    import shardudp
+
     spec = {
         "work": str(work / "fs"),
         "files": files,
         "links": links,
-        "reachable": [os.path.realpath(sys.executable), sys.prefix],
+        # This test's Python and, for an editable install, the checkout the
+        # venv's shardudp points at.
+        "reachable": [os.path.realpath(sys.executable), sys.prefix,
+                      str(Path(shardudp.__file__).resolve().parent.parent)],
         "read_only": bool(service and service.read_only),
         "tmpfs": service.tmpfs if service else [],
         "volumes": service.volumes if service else [],
@@ -282,6 +287,18 @@ def _setup_and_exec(spec: dict[str, Any]) -> None:
             _mount("-o", "remount,bind,ro", root + point)
     for inside, opts in tmpfs:
         _mount("-t", "tmpfs", *(["-o", opts] if opts else []), "tmpfs", inside)
+    # The image's venv links to this test's Python; a tmpfs over one of its
+    # parents (a checkout under /tmp) would hide it, which the real image,
+    # with its venv under /opt, never sees.
+    for path in spec["reachable"]:
+        if any(path == p or path.startswith(p + "/") for p in (t[len(root):] for t, _ in tmpfs)):
+            if os.path.isdir(path):
+                os.makedirs(root + path, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(root + path), exist_ok=True)
+                Path(root + path).touch()
+            _mount("--bind", path, root + path)
+            _mount("-o", "remount,bind,ro", root + path)
     os.chroot(root)
     os.chdir("/")
     uid, gid = spec["user"]
