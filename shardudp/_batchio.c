@@ -367,8 +367,16 @@ flush(Engine *e)
 static void
 enqueue(Engine *e, PyObject *data, const addr_t *a, socklen_t alen)
 {
-    if (e->squeued == e->batch)
+    /* A flush may run Python (error reporting) that writes, and so refills
+     * the queue: check again after every flush, and give up on this datagram,
+     * as a full socket buffer would, if something keeps refilling it. */
+    for (int tries = 0; e->squeued >= e->batch; tries++) {
+        if (tries == EINTR_RETRIES) {
+            e->tx_errors++;
+            return;
+        }
         flush(e);
+    }
     int k = e->squeued++;
     e->sdata[k] = Py_NewRef(data);
     e->siov[k].iov_base = PyBytes_AS_STRING(data);

@@ -10,8 +10,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -855,3 +858,58 @@ def test_stop_listening_completes_when_stop_protocol_raises(
     c = h.client()
     c.sendto(b"for the next worker", m.getsockname())
     assert m.recvfrom(100)[0] == b"for the next worker"
+
+
+_REFILL_DURING_FLUSH = r"""
+import socket, subprocess, sys
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import DatagramProtocol
+from shardudp.port import CShardPort
+
+DST = ("10.99.0.1", 9)  # routed via lo inside this namespace only
+refills = []
+
+class Port(CShardPort):
+    def _async_send_failed(self, exc):
+        # Any Python run while a flush reports errors (a log handler, say)
+        # that writes a whole batch: the queue must not overflow.
+        if not refills:
+            refills.append(exc.errno)
+            for _ in range(self.batchSize):
+                self.write(b"refill", DST)
+
+class P(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        if data == b"prime":
+            self.transport.write(b"p", DST)  # the first write validates and caches DST
+        else:
+            subprocess.run(["ip", "route", "del", "10.99.0.0/16", "dev", "lo"], check=True)
+            for _ in range(Port.batchSize + 1):  # the last one flushes a full queue
+                self.transport.write(b"x", DST)
+
+r = EPollReactor()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+port = Port.adopt(s, P(), r, shared=False)
+port.startListening()
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for msg in (b"prime", b"go"):
+    c.sendto(msg, s.getsockname())
+    port.drain(1)
+print("refilled after", refills)
+"""
+
+
+@_need_c
+def test_writes_from_a_flush_error_callback_never_overflow_the_send_queue() -> None:
+    """A flush that meets send errors reports them through Python, which may
+    write a whole batch more; the queue is checked again after every flush."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, iproute2 and unshare for a private network namespace")
+    setup = "ip link set lo up && ip route add 10.99.0.0/16 dev lo && exec \"$0\" -c \"$1\""
+    proc = subprocess.run(
+        ["unshare", "--net", "sh", "-c", setup, sys.executable, _REFILL_DURING_FLUSH],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"refilled after [{errno.ENETUNREACH}]" in proc.stdout, proc.stdout + proc.stderr
