@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--even-flows", type=_positive(int), default=1000)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the report's notes (e.g. what else ran on the machine); repeatable",
+    )
+    p.add_argument(
         "--update-readme",
         action="store_true",
         help="replace the results section of bench/README.md",
@@ -235,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     found, missing = baselines()
     notes += [f"baseline {name} skipped: {why}" for name, why in missing.items()]
     workers = args.workers or max(2, len(sv_cpus or os.sched_getaffinity(0)))
-    if sv_cpus is not None and workers > len(sv_cpus):
+    n_rows = "matrix" in args.scenarios and (
+        not args.servers or f"shardudp-{workers}" in args.servers
+    )
+    if sv_cpus is not None and n_rows and workers > len(sv_cpus):
         notes.append(
             f"shardudp-{workers}: {workers} workers share {len(sv_cpus)} server"
             f" CPU(s), so N-worker rows show overhead, not scaling"
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             f"every server gets SO_RCVBUF {args.rcvbuf} (the kernel caps it at rmem_max"
             f" {_rmem_max()}), so queue length is the same for all"
         )
-    notes.append("other engineers run tests on this machine at the same time: expect noise")
+    if args.note:
+        notes += args.note
     shard_err = _shardudp_error()
     if shard_err:
         notes.append(f"shardudp scenarios skipped: {shard_err}")
