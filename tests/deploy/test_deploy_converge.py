@@ -265,6 +265,7 @@ class UnitProcess:
 
     exec_start_pre: list[list[str]]
     exec_start: list[str]
+    exec_reload: list[list[str]]  # $MAINPID not yet substituted
     uid: int
     gid: int
     env: dict[str, str]
@@ -299,15 +300,17 @@ def as_systemd_would(converged: Converged) -> UnitProcess:
         return argv
 
     return UnitProcess([command(v) for v in svc.get("ExecStartPre", [])],
-                       command(svc["ExecStart"][-1]), account.pw_uid, gid, env,
-                       svc.get("WorkingDirectory", ["/"])[-1])
+                       command(svc["ExecStart"][-1]),
+                       [command(v) for v in svc.get("ExecReload", [])], account.pw_uid, gid,
+                       env, svc.get("WorkingDirectory", ["/"])[-1])
 
 
 #: Keys that do not change how the process is started here (capabilities,
 #: sandboxing, restart policy, limits) or that as_systemd_would handles.
 KNOWN_UNIT_KEYS = {
     "Type", "NotifyAccess", "User", "Group", "AmbientCapabilities", "CapabilityBoundingSet",
-    "Environment", "EnvironmentFile", "ExecStartPre", "ExecStart", "KillMode", "KillSignal",
+    "Environment", "EnvironmentFile", "ExecStartPre", "ExecStart", "ExecReload", "KillMode",
+    "KillSignal",
     "TimeoutStopSec", "Restart", "RestartSec", "RestartPreventExitStatus", "LimitNOFILE",
     "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
     "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
@@ -493,6 +496,20 @@ def test_server_runs_from_the_rendered_config(converged: Converged) -> None:
                       "--control", str(runtime / "control.sock")], env=converged.env, timeout=30)
         assert status.returncode == 0, status.stdout
         assert json.loads(status.stdout)["workers"] == WORKERS
+
+        # `systemctl reload`: the unit's ExecReload, with $MAINPID, is a rolling
+        # restart that replaces every worker and keeps serving.
+        before = set(session_pids(srv.proc.pid)) - {srv.proc.pid}
+        assert srv.unit.exec_reload, "the unit has no ExecReload"
+        for argv in srv.unit.exec_reload:
+            argv = [a.replace("$MAINPID", str(srv.proc.pid)) for a in argv]
+            assert run(argv, env=converged.env, timeout=30).returncode == 0, argv
+        wait_for(lambda: "reload complete" in srv.log, 30.0, "the rolling restart")
+        after = set(session_pids(srv.proc.pid)) - {srv.proc.pid}
+        assert len(after) >= WORKERS and not after & before, (before, after)
+        sent, got = echo_many(socket.AF_INET, ("127.0.0.1", ports["udp4"]), flows=4, each=10,
+                              timeout=10.0)
+        assert got == sent
 
         workers = [p for p in session_pids(srv.proc.pid) if p != srv.proc.pid]
         assert len(workers) >= WORKERS, workers
