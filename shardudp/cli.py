@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import json
 import logging
 import os
 import pwd
+import select
+import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__, config, control
 from .errors import ConfigError, ExitCode, StartupError
@@ -25,31 +30,60 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"shardudp: error: {message}\n")
 
 
+def _setting_arg(p: argparse.ArgumentParser, key: str, help: str | None = None) -> None:
+    """The flag of a setting, as its one declaration spells it."""
+    s = config.BY_KEY[key]
+    if s.switch:
+        p.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
+                       help=help or s.help)
+        return
+    # Values stay strings here: config.build validates every source alike.
+    p.add_argument(s.flag, dest=s.key, metavar=s.metavar or None,
+                   action="append" if s.repeat else "store", help=help or s.help)
+
+
 def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file with settings and [[listener]]s")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective merged config as JSON and exit")
     for s in config.SETTINGS:
-        if s.switch:
-            p.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
-                           help=s.help)
-            continue
-        # Values stay strings here: config.build validates every source alike.
-        p.add_argument(s.flag, dest=s.key, metavar=s.metavar or None,
-                       action="append" if s.repeat else "store", help=s.help)
+        _setting_arg(p, s.key)
+
+
+def _add_server_lookup(p: argparse.ArgumentParser, key: str) -> None:
+    """``--KEY`` and ``--config`` of a command that talks to a running server, which
+    finds that setting as the server did (see ``_lookup``)."""
+    s = config.BY_KEY[key]
+    default = "" if s.default is None else f", else {s.default}"
+    _setting_arg(p, key, help=f"As for run: {s.help} Default here: ${s.env}, else the "
+                              f"--config file's {s.key}{default}.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"the server's TOML file, to find its {s.key} setting")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0, 3600]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="shardudp", description="Run Twisted DatagramProtocols on every core.")
     p.add_argument("--version", action="version", version=f"shardudp {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # Not required: a bare `shardudp` gets the whole help, not a one-line complaint.
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the server")
     run.add_argument("app_arg", nargs="?", metavar="APP",
                      help=config.BY_KEY["app"].help + " Same as --app.")
     _add_settings(run)
 
-    check = sub.add_parser("check", help="validate the configuration without binding anything")
+    check = sub.add_parser("check", help="validate the configuration and import the APPs, "
+                                         "binding nothing")
     check.add_argument("app_arg", nargs="?", metavar="APP", help="as for run")
     _add_settings(check)
 
@@ -65,28 +99,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_args(status)
 
     health = sub.add_parser("health", help="exit 0 iff the server's /healthz answers 200")
-    health.add_argument("--metrics", required=True, metavar="HOST:PORT",
-                        help="the server's metrics address; PORT alone means 127.0.0.1:PORT")
-    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    _add_server_lookup(health, "metrics")
+    health.add_argument("--http-timeout", type=_seconds, default=3.0, metavar="SECONDS",
+                        help="give up on /healthz after this long (default: 3)")
     return p
 
 
 def _add_control_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", metavar="PATH",
-                   help="control socket (default: $SHARDUDP_CONTROL, else the config file's "
-                        "control, else the server's default)")
-    p.add_argument("--config", metavar="FILE",
-                   help="the server's TOML file, to find its control socket")
+    _add_server_lookup(p, "control")
     p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
 
 
-def _control_path(args: argparse.Namespace) -> str:
-    setting, label = config.lookup("control", file_text=_read_config(args.config),
-                                   environ=os.environ, cli={"control": args.control})
+def _lookup(args: argparse.Namespace, key: str) -> tuple[Any, str | None]:
+    """A running server's setting, found as it found it: the flag, else SHARDUDP_*, else
+    the --config file, else the default; and how its source names it (None: default)."""
+    return config.lookup(key, file_text=_read_config(args.config), environ=os.environ,
+                         cli={key: getattr(args, key)})
+
+
+def _origin(args: argparse.Namespace, key: str, value: object, label: str | None) -> str:
+    """Where a looked-up value came from, unless the command line gave it: for errors."""
+    parts = [str(value)] if value == "auto" else []
+    if label is None:
+        parts.append(f"the default; give {config.flag_of(key)} or --config FILE to reach "
+                     "another server")
+    elif label != config.flag_of(key):
+        parts.append(f"from {label}" + (f" in {args.config}" if label == key else ""))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _control_path(args: argparse.Namespace) -> tuple[str, str]:
+    """The control socket's path, and where that came from (for errors)."""
+    setting, label = _lookup(args, "control")
     path = control.resolve_path(setting)
     if path is None:
         raise ConfigError(f"{label}: 'none' disables the control socket; nothing to talk to")
-    return path
+    return path, _origin(args, "control", setting, label)
+
+
+def _plural(n: object, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _fmt(v: object, unit: str = "") -> str:
@@ -97,26 +149,39 @@ def _fmt(v: object, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def format_status(st: dict[str, object]) -> str:
+def _health(st: dict[str, Any]) -> str:
+    if st.get("stopping"):
+        return "stopping"
+    if st["healthy"]:
+        return "healthy"
+    silent = set(st.get("silent_slots") or [])
+    problems = []
+    for sl in st["slots"]:
+        if sl["slot"] in silent:
+            problems.append(f"slot {sl['slot']} silent for {_fmt(sl['heartbeat_age'], 's')}")
+        elif sl["state"] != "ready":
+            problems.append(f"slot {sl['slot']} {sl['state']}")
+    return "UNHEALTHY" + (f" ({', '.join(problems)})" if problems else "")
+
+
+def format_status(st: dict[str, Any]) -> str:
     rows = [("SLOT", "PID", "STATE", "AGE", "RECEIVED", "SENT", "RATE/s", "DROPS", "HEARTBEAT")]
-    for sl in st["slots"]:  # type: ignore[attr-defined]
+    for sl in st["slots"]:
         rows.append((str(sl["slot"]), _fmt(sl["pid"]), sl["state"] + (" (retiring)"
                      if sl["retiring"] else ""), _fmt(sl["age"], "s"), _fmt(sl["rx"]),
                      _fmt(sl["tx"]), _fmt(sl["rx_rate"]), _fmt(sl["drops"]),
                      _fmt(sl["heartbeat_age"], "s ago")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    silent = st.get("silent_slots") or []
-    health = "healthy" if st["healthy"] else "NOT READY"
-    if silent:
-        health += f" (silent: slot {', '.join(str(s) for s in silent)})"  # type: ignore[attr-defined]
     head = (f"master pid {st['master_pid']}, up {_fmt(st['uptime'], 's')}, "
-            f"{st['workers']} workers, {health}")
+            f"{_plural(st['workers'], 'worker')}, {_health(st)}")
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     by_listener = st.get("listener_drops") or {}
     if by_listener:
         lines.append("drops by listener: " + ", ".join(
-            f"{k}={v}" for k, v in sorted(by_listener.items())))  # type: ignore[attr-defined]
+            f"{k}={v}" for k, v in sorted(by_listener.items())))
+    if st.get("counting") is False:
+        lines.append("traffic is not counted (metrics_interval is 0)")
     return head + "\n" + "\n".join(lines)
 
 
@@ -125,22 +190,30 @@ def cmd_ctl(args: argparse.Namespace, cmd: str) -> int:
     if cmd == "scale":
         if args.n is None:
             raise ConfigError("ctl scale: give the number of workers, e.g. `ctl scale 3`")
-        request["n"] = args.n
+        try:
+            request["n"] = config.BY_KEY["workers"].parse(args.n)
+        except ValueError as exc:
+            raise ConfigError(f"ctl scale: {exc}") from None
     elif getattr(args, "n", None) is not None:
         raise ConfigError(f"ctl {cmd}: takes no argument")
-    path = _control_path(args)
+    path, origin = _control_path(args)
     try:
         result = control.call(path, request)
     except control.ControlError as exc:
         print(f"shardudp: error: {exc}", file=sys.stderr)
         return ExitCode.ERROR
+    except control.NotListening as exc:
+        print(f"shardudp: error: {exc.strerror}{origin}", file=sys.stderr)
+        return ExitCode.ERROR
     except OSError as exc:
-        print(f"shardudp: error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"shardudp: error: {path}{origin}: {exc.strerror or exc}", file=sys.stderr)
         return ExitCode.ERROR
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif cmd == "status":
         print(format_status(result))
+    elif cmd == "scale":
+        print(f"scaling to {_plural(request['n'], 'worker')}")
     else:
         print(result if isinstance(result, str) else json.dumps(result))
     return ExitCode.OK
@@ -166,21 +239,28 @@ def load_config(args: argparse.Namespace,
                 environ: dict[str, str] | None = None) -> config.ServerConfig:
     """The merged, validated config, checked against this host too."""
     cli_values = {s.key: getattr(args, s.key, None) for s in config.SETTINGS}
+    labels = {}
     # The positional APP is the usual spelling of --app.
     if args.app_arg is not None:
         if args.app is not None and args.app != args.app_arg:
             raise ConfigError(f"APP {args.app_arg} and --app {args.app} disagree: give one")
         cli_values["app"] = args.app_arg
+        labels["app"] = "APP"
     cfg = config.build(file_text=_read_config(args.config),
                        environ=os.environ if environ is None else environ,
-                       cli=cli_values, cpu_count=usable_cpus())
+                       cli=cli_values, cli_labels=labels, cpu_count=usable_cpus())
     check_host(cfg)
     return cfg
 
 
 def check_host(cfg: config.ServerConfig) -> None:
-    """What the pure config cannot know: this host's users, groups and directories."""
+    """What the pure config cannot know: this host's users, groups, directories, and who we
+    are."""
     errors = []
+    if (cfg.user is not None or cfg.group is not None) and os.geteuid() != 0:
+        key = "user" if cfg.user is not None else "group"
+        errors.append(f"{cfg.label(key)}: only a master started as root can run its workers "
+                      f"as another user or group (this runs as uid {os.geteuid()})")
     if cfg.user is not None:
         try:
             pwd.getpwnam(cfg.user)
@@ -193,6 +273,9 @@ def check_host(cfg: config.ServerConfig) -> None:
             errors.append(f"{cfg.label('group')}: no such group {cfg.group!r}")
     if cfg.log_file is not None and (why := _cannot_append(Path(cfg.log_file))):
         errors.append(f"{cfg.label('log_file')}: {why}")
+    path = control.resolve_path(cfg.control)
+    if path is not None and (why := control.path_problem(path)):
+        errors.append(f"{cfg.label('control')}: {why}")
     if errors:
         raise ConfigError(errors)
 
@@ -215,15 +298,21 @@ def _print_errors(exc: ConfigError) -> None:
         print(f"shardudp: error: {line}", file=sys.stderr)
 
 
+def _apps_import_from_cwd() -> None:
+    """Like gunicorn: APP modules in the current directory import without PYTHONPATH.
+
+    Workers (and check's child) inherit this before importing the APP.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return ExitCode.OK
-    # Like gunicorn: APP modules in the current directory import without
-    # PYTHONPATH. Workers inherit this before importing the APP.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _apps_import_from_cwd()
     from . import logs
     from .server import Server
 
@@ -240,25 +329,131 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _load_apps_and_exit(apps: Sequence[str], run_as: tuple[int, int] | None,
+                        fd: int) -> NoReturn:  # pragma: no cover - runs in check's child
+    """Write ``APP<TAB>problem`` (empty if none) for each APP as a worker would load it."""
+    code: int = ExitCode.OK
+    try:
+        # What the APP prints while importing must not mix into --print-config's JSON.
+        os.dup2(2, 1)
+        # As in a worker: our own code loads with our rights, the APP after dropping them.
+        import twisted.internet.protocol  # noqa: F401
+
+        from .worker import AppError, load_app
+
+        if run_as is not None:
+            uid, gid = run_as
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+        for app in apps:
+            problem = ""
+            try:
+                load_app(app)  # resolves the attribute; builds nothing
+            except AppError as exc:  # its text reads after the APP's name
+                problem, code = " ".join(f"APP {app!r} {exc}".split()), ExitCode.BOOT
+            os.write(fd, f"{app}\t{problem}\n".encode())
+    except BaseException as exc:
+        code = ExitCode.ERROR
+        with contextlib.suppress(OSError):
+            os.write(fd, f"\t{type(exc).__name__}: {exc}\n".encode())
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what the APP printed, on stderr
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _read_until_eof(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """What ``fd`` gives until EOF or ``deadline``; and whether EOF came."""
+    out = bytearray()
+    for _ in range(1 << 16):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            data = os.read(fd, 65536)
+            if not data:
+                return bytes(out), True
+            out += data
+    return bytes(out), False
+
+
+def check_apps(cfg: config.ServerConfig) -> list[str]:
+    """Import each listener's APP and resolve its attribute as a worker will, as the
+    worker's user; never build it (a constructor may have side effects). One line per
+    problem, as ``run`` reports it.
+
+    In a forked child: this process never imports Twisted, and the APP's import never
+    runs with rights the workers will not have. A child that takes longer than
+    --timeout would have been killed as a worker too.
+    """
+    from .server import resolve_user
+
+    apps = sorted({lst.app for lst in cfg.listeners})
+    run_as = resolve_user(cfg.user, cfg.group)
+    _apps_import_from_cwd()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_fd)
+        _load_apps_and_exit(apps, run_as, write_fd)
+    os.close(write_fd)
+    try:
+        out, finished = _read_until_eof(read_fd, time.monotonic() + cfg.timeout)
+    finally:
+        os.close(read_fd)
+    if not finished:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    problems, done = [], set()
+    for line in out.decode(errors="replace").splitlines():
+        app, _, problem = line.partition("\t")
+        done.add(app)
+        if problem:
+            problems.append(problem)
+    # The child stopped at the first APP it did not report: the later ones were never tried.
+    stuck = next((app for app in apps if app not in done), None)
+    if stuck is not None and not finished:
+        problems.append(f"APP {stuck!r}: still importing after {cfg.timeout:g} s "
+                        f"({cfg.label('timeout')}), when a worker would be killed")
+    elif stuck is not None:
+        problems.append(f"APP {stuck!r}: importing it ended the process "
+                        f"(exit status {os.waitstatus_to_exitcode(status)})")
+    return problems
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    problems = check_apps(cfg)
+    for line in problems:
+        print(f"shardudp: error: {line}", file=sys.stderr)
+    if problems:
+        return ExitCode.BOOT
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
     else:
-        print(f"config ok: {cfg.workers} workers, {len(cfg.listeners)} listeners")
+        apps = sorted({lst.app for lst in cfg.listeners})
+        print(f"config ok: {_plural(cfg.workers, 'worker')}, "
+              f"{_plural(len(cfg.listeners), 'listener')}, APP {', '.join(apps)} imports")
     return ExitCode.OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    try:
-        addr = config.BY_KEY["metrics"].parse(args.metrics)
-    except ValueError as exc:
-        raise ConfigError(f"--metrics: {exc}") from None
+    addr, label = _lookup(args, "metrics")
+    if addr is None:
+        raise ConfigError("health: no metrics address: give --metrics HOST:PORT, or "
+                          "--config FILE of a server that serves metrics")
+    if addr.port == 0:
+        raise ConfigError(f"{label}: port 0: the server picked a free port and logged it "
+                          "(\"metrics on ...\"); give that one with --metrics")
     url = f"http://{addr}/healthz"
     # No proxy, whatever http_proxy says: the probe targets this host's own port.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=args.timeout) as resp:
+        with opener.open(url, timeout=args.http_timeout) as resp:
             ok = resp.status == 200
             body = resp.read(4096).decode(errors="replace")
     except urllib.error.HTTPError as exc:
@@ -271,8 +466,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return ExitCode.USAGE
         if args.command == "run":
             return cmd_run(args)
         if args.command == "check":

@@ -412,12 +412,19 @@ def env_values(environ: Mapping[str, str]) -> dict[str, object]:
 
 
 def _layers(file_top: Mapping[str, object], environ: Mapping[str, str],
-            cli: Mapping[str, object], errors: list[str]) -> list[_Layer]:
-    """The sources in precedence order, lowest first, each validated."""
+            cli: Mapping[str, object], errors: list[str],
+            cli_labels: Mapping[str, str] | None = None) -> list[_Layer]:
+    """The sources in precedence order, lowest first, each validated.
+
+    ``cli_labels`` names command-line values not given as their flag (the
+    positional ``APP``).
+    """
+    spelled = dict(cli_labels or {})
     sources: list[tuple[Mapping[str, object], Label]] = [
         (file_top, _file_label("")),
         (env_values(environ), env_of),
-        ({k: v for k, v in cli.items() if v is not None}, flag_of),
+        ({k: v for k, v in cli.items() if v is not None},
+         lambda key: spelled.get(key) or flag_of(key)),
     ]
     return [_Layer(raw, _parse_layer(raw, label, errors), label) for raw, label in sources]
 
@@ -428,16 +435,17 @@ def lookup(
     file_text: str | None = None,
     environ: Mapping[str, str] | None = None,
     cli: Mapping[str, object] | None = None,
-) -> tuple[Any, str]:
+) -> tuple[Any, str | None]:
     """One server setting merged as ``build`` does, without needing the rest to be valid
-    (``ctl`` only wants the control socket's path), and how its source names it."""
+    (``ctl`` only wants the control socket's path), and how its source names it (None
+    for the default)."""
     errors: list[str] = []
     file_top = parse_toml(file_text, errors)[0] if file_text is not None else {}
 
     def pick(source: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in source.items() if k in (key, env_of(key))}
 
-    value, label = BY_KEY[key].default, key
+    value, label = BY_KEY[key].default, None
     for layer in _layers(pick(file_top), pick(environ or {}), pick(cli or {}), errors):
         if key in layer.values:
             value, label = layer.values[key], layer.label(key)
@@ -451,6 +459,7 @@ def build(
     file_text: str | None = None,
     environ: Mapping[str, str] | None = None,
     cli: Mapping[str, object] | None = None,
+    cli_labels: Mapping[str, str] | None = None,
     cpu_count: int = 1,
 ) -> ServerConfig:
     """Merge defaults < file < environment < CLI and validate the result.
@@ -458,13 +467,14 @@ def build(
     Raises ``ConfigError`` listing every problem found, each with its key path.
     Listeners named by a later source (``--bind``, ``SHARDUDP_MULTICAST``)
     replace an earlier source's, the file's ``[[listener]]`` tables included.
+    ``cli_labels`` names command-line values given other than by their flag.
     """
     errors: list[str] = []
     file_top: dict[str, object] = {}
     tables: list[dict[str, object]] = []
     if file_text is not None:
         file_top, tables = parse_toml(file_text, errors)
-    layers = _layers(file_top, environ or {}, cli or {}, errors)
+    layers = _layers(file_top, environ or {}, cli or {}, errors, cli_labels)
     merged: dict[str, Any] = {s.key: s.default for s in SETTINGS}
     origin: dict[str, str] = {}
     source: _Layer | None = None
@@ -476,6 +486,8 @@ def build(
             if key not in _ADDRESS_KEYS:
                 merged[key], origin[key] = value, layer.label(key)
 
+    # An APP given but invalid was reported already: do not call it missing too.
+    app_given = any(layer.raw.get("app") is not None for layer in layers)
     listeners: list[Listener | None] = []
     if tables and source is layers[0]:
         key = next(k for k in _ADDRESS_KEYS if file_top.get(k))
@@ -487,15 +499,20 @@ def build(
         for kind in _ADDRESS_KEYS:
             for addr in source.values.get(kind, []):
                 where = f"{source.label(kind)} {addr}"
-                if merged["app"] is None:
+                if not app_given:
                     errors.append(f"{where}: no APP: give MODULE:ATTR as `shardudp run APP` or "
                                   f"--app{replaced}")
                 listeners.append(_make_listener(merged, origin, {}, kind, addr, where, errors))
     else:
         for i, table in enumerate(tables):
-            listeners.append(_table_listener(merged, origin, table, f"listener[{i}]", errors))
+            listeners.append(_table_listener(merged, origin, table, f"listener[{i}]",
+                                             app_given, errors))
     if not listeners and not errors:
         errors.append("no listener: give --bind HOST:PORT (or [[listener]] tables in --config)")
+    mcast_given = bool(source.raw.get("multicast")) if source is not None else any(
+        "multicast" in t for t in tables)
+    if listeners and not mcast_given:
+        _refuse_multicast_only(layers[1:], errors)
     built = [lst for lst in listeners if lst is not None]
     _check_listeners(built, errors)
 
@@ -521,8 +538,20 @@ def build(
     )
 
 
+def _refuse_multicast_only(layers: Sequence[_Layer], errors: list[str]) -> None:
+    """Multicast settings given on the command line or in the environment without any
+    multicast listener: a mistake, like such a key in a unicast listener's table.
+    (A file's top-level value is only a default, and may serve other listeners.)"""
+    for key in _MULTICAST_ONLY:
+        given = [layer for layer in layers if key in layer.raw]
+        if given:
+            errors.append(f"{given[-1].label(key)}: only valid with a multicast listener, and "
+                          "there is none (add --multicast GROUP:PORT)")
+
+
 def _table_listener(merged: Mapping[str, Any], origin: Mapping[str, str],
-                    table: Mapping[str, object], where: str, errors: list[str]) -> Listener | None:
+                    table: Mapping[str, object], where: str, app_given: bool,
+                    errors: list[str]) -> Listener | None:
     label = _file_label(where + ".")
     bad = [k for k in table if k in SERVER_KEYS]
     for k in bad:
@@ -537,7 +566,7 @@ def _table_listener(merged: Mapping[str, Any], origin: Mapping[str, str],
     addrs = own.get(kind, []) if kind else []
     if len(addrs) > 1:
         errors.append(f"{label(kinds[0])}: one address per listener table")
-    if merged["app"] is None and "app" not in table:
+    if not app_given and "app" not in table:
         errors.append(f"{label('app')}: missing (MODULE:ATTR)")
     own = {k: v for k, v in own.items() if k not in _ADDRESS_KEYS}
     # An address that failed to parse was reported above: check the rest, build nothing.
@@ -566,8 +595,8 @@ def _make_listener(
     if addr is None or v["app"] is None:
         return None
     return Listener(
-        name=v["name"] or f"{'mcast' if mcast else 'udp'}-{addr}".replace("[", "").replace(
-            "]", ""),
+        # Brackets kept: "udp-[::]:5" is unambiguous, "udp-:::5" is not.
+        name=v["name"] or f"{'mcast' if mcast else 'udp'}-{addr}",
         app=v["app"],
         address=addr,
         multicast=mcast,
@@ -590,6 +619,8 @@ def _check_listeners(listeners: Sequence[Listener], errors: list[str]) -> None:
         seen_names.add(lst.name)
     for i, a in enumerate(listeners):
         for b in listeners[i + 1:]:
+            # Every IPv6 socket is V6ONLY (shardudp.sockets): [::]:P never
+            # covers an IPv4 address, so only listeners of one family overlap.
             if a.address.port == 0 or a.address.port != b.address.port or \
                     a.address.family_name != b.address.family_name:
                 continue

@@ -41,6 +41,8 @@ REQUEST_TIMEOUT: Final = 5.0
 MAX_FRAMES_PER_TURN: Final = 16
 #: Replies not taken by a client within this many bytes close it.
 MAX_OUTBOX: Final = 1 << 20
+#: sun_path holds 108 bytes, the terminating NUL included.
+MAX_PATH: Final = 107
 
 COMMANDS: Final[dict[str, dict[str, type]]] = {
     "status": {},
@@ -53,6 +55,10 @@ COMMANDS: Final[dict[str, dict[str, type]]] = {
 
 class ControlError(WireError):
     """A control client sent something we will not act on."""
+
+
+class NotListening(OSError):
+    """Nothing accepts connections on the control socket's path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,18 +115,35 @@ def resolve_path(setting: str) -> str | None:
     return default_path() if setting == "auto" else setting
 
 
+def path_problem(path: str) -> str | None:
+    """Why a control socket could never be made at ``path``, found without creating anything."""
+    size = len(os.fsencode(path))
+    if size > MAX_PATH:
+        return (f"{path} is {size} bytes long; a unix socket path takes at most {MAX_PATH}: "
+                "choose a shorter one")
+    directory = Path(path).parent
+    if not directory.is_dir() and not directory.parent.is_dir():
+        return f"directory {directory.parent} does not exist"
+    return None
+
+
 def _prepare_dir(directory: Path) -> None:
     """Create the socket's directory 0700; refuse our own directory if others can reach it.
 
-    In /tmp anyone may create ``shardudp-<uid>`` first, and whoever owns the
-    directory can swap the socket for their own and receive our operator's
-    commands. A directory the operator named (or systemd made) is theirs to secure.
+    Only the last level is created: a mistyped path must not grow a tree of
+    directories (as root, anywhere). In /tmp anyone may create
+    ``shardudp-<uid>`` first, and whoever owns the directory can swap the
+    socket for their own and receive our operator's commands. A directory the
+    operator named (or systemd made) is theirs to secure.
     """
     try:
-        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700)
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise StartupError(f"control socket directory {directory}: its parent "
+                           f"{directory.parent} does not exist; create it, or pass "
+                           "--control PATH") from None
     except OSError as exc:
         raise StartupError(f"control socket directory {directory}: {exc.strerror}") from None
     else:
@@ -210,7 +233,9 @@ class ControlServer:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise StartupError(f"cannot bind control socket {path}: {exc.strerror}") from None
+            # A path too long for sun_path is an OSError without strerror.
+            raise StartupError(f"cannot bind control socket {path}: "
+                               f"{exc.strerror or exc}") from None
         finally:
             os.umask(old)
         sock.listen(16)
@@ -354,7 +379,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> Any:
             sock.connect(path)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise OSError(exc.errno, f"no shardudp is listening on {path}") from None
+                raise NotListening(exc.errno, f"no shardudp is listening on {path}") from None
             raise
         sock.sendall(wire.encode_obj(request))
         frames = wire.FrameSplitter()

@@ -106,7 +106,9 @@ class ExportView:
     socket); a socket shared by several slots may be listed under each.
     ``kernel`` reads those sockets' drops, queues and buffers at scrape time
     (``SocketSet.kernel_stats``, the one source of truth ``status`` uses too),
-    so drops count even while a worker is down or stopped.
+    so drops count even while a worker is down or stopped. ``counting`` is False
+    when workers count nothing (--metrics-interval 0): the traffic and handler
+    series are then left out rather than exported as zeros that read as no traffic.
     """
 
     book: BookSnapshot = field(default_factory=BookSnapshot)
@@ -115,6 +117,7 @@ class ExportView:
     master_pid: int | None = None
     kernel: Callable[[], sockstats.KernelStats] | None = None
     build: BuildInfo = field(default_factory=build_info)
+    counting: bool = True
 
     def __post_init__(self) -> None:
         # Copy what the master handed in: it may keep mutating its own dict
@@ -186,7 +189,8 @@ class ShardCollector:
     def collect(self) -> Iterator[Metric]:
         view = self._source()
         slots = self._slots(view)
-        yield from self._traffic(view)
+        if view.counting:
+            yield from self._traffic(view)
         yield from self._socket_stats(view)
         yield from self._workers(view, slots)
         yield from self._processes(view)

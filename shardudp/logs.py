@@ -86,6 +86,7 @@ class _PipeHandler(logging.Handler):
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Whatever goes wrong here must not escape into the APP's log call.
         try:
             text = record.getMessage()
             if record.exc_info:
@@ -94,19 +95,19 @@ class _PipeHandler(logging.Handler):
                 text += "\n" + record.exc_text
             if record.stack_info:
                 text += "\n" + self._plain.formatStack(record.stack_info)
+            if self.dropped:
+                note = wire.Log.bounded(logging.WARNING, "shardudp.logs",
+                                        f"{self.dropped} log records dropped: the pipe to the "
+                                        "master was full", record.created)
+                if not self._sink(note):
+                    self.dropped += 1
+                    return
+                self.dropped = 0
+            if not self._sink(wire.Log.bounded(record.levelno, record.name, text,
+                                               record.created)):
+                self.dropped += 1
         except Exception:
             self.handleError(record)
-            return
-        if self.dropped:
-            note = wire.Log.bounded(logging.WARNING, "shardudp.logs",
-                                    f"{self.dropped} log records dropped: the pipe to the "
-                                    "master was full", record.created)
-            if not self._sink(note):
-                self.dropped += 1
-                return
-            self.dropped = 0
-        if not self._sink(wire.Log.bounded(record.levelno, record.name, text, record.created)):
-            self.dropped += 1
 
 
 def setup_worker(slot: int, sink: Callable[[wire.Log], bool]) -> None:

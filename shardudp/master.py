@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -24,8 +25,8 @@ from collections.abc import Callable
 
 from . import logs, notify, sockets, supervision, wire
 from .config import ServerConfig
-from .errors import ExitCode, StartupError, WireError
-from .socketset import SlotSocket, SocketSet
+from .errors import ConfigError, ExitCode, StartupError, WireError
+from .socketset import SlotSocket, SocketSet, kind_of
 from .supervision import Action
 
 log = logging.getLogger("shardudp.master")
@@ -92,7 +93,32 @@ class Master:
                 raise StartupError(f"cannot create the sockets of slot {slot}: "
                                    f"{exc.strerror or exc}") from None
 
+    def _fit_fd_limit(self) -> None:
+        """Raise the soft RLIMIT_NOFILE to the hard one; ConfigError if we cannot fit in it.
+
+        Every slot's sockets and its worker's pipes live in the master for its
+        whole life: a limit too low for them would only show up as a storm of
+        failed worker starts.
+        """
+        kinds = [kind_of(lst) for lst in self.cfg.listeners]
+        need = supervision.fds_needed(self.cfg.workers,
+                                      slot_sockets=sum(k != "single" for k in kinds),
+                                      shared_sockets=sum(k in ("single", "shard") for k in kinds))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):  # an infinite hard limit is over fs.nr_open
+                pass
+        if need > soft:
+            raise ConfigError(f"{self.cfg.label('workers')}: {self.cfg.workers} workers need about "
+                              f"{need} file descriptors, but the limit is {soft}: raise it "
+                              f"(`ulimit -n {need}` in the shell, LimitNOFILE={need} under "
+                              "systemd) or run fewer workers")
+
     def run(self) -> ExitCode:
+        self._fit_fd_limit()
         self.preflight()
         try:
             preload_worker_modules()
@@ -320,6 +346,10 @@ class Master:
                     "cannot send %s to worker pid=%d: %s", msg.TAG, pid, exc)
 
     def _kill(self, pid: int, sig: int) -> None:
+        # Only a child not yet reaped: a reaped pid may already be another
+        # process's (a frame drained after waitpid can still ask for a Kill).
+        if pid not in self.children:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
@@ -422,10 +452,12 @@ class Master:
                 graceful_timeout=self.cfg.graceful_timeout, run_as=self.run_as)
             code = worker.run(spec)
         except BaseException as exc:
-            # Logging itself may be what broke: say it on stderr as well.
+            # One line, straight to stderr: logging itself may be what broke.
+            # The master's exit line follows; the traceback is for debugging.
             with contextlib.suppress(Exception):
-                os.write(2, f"shardudp: worker slot={slot} crashed: {exc!r}\n".encode())
-            log.exception("worker slot=%d crashed", slot)
+                os.write(2, f"shardudp: worker slot={slot} crashed: {type(exc).__name__}: "
+                            f"{exc}\n".encode(errors="backslashreplace"))
+            log.debug("worker slot=%d crashed", slot, exc_info=True)
         finally:
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):

@@ -43,6 +43,7 @@ from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shardudp.config import _ip as parse_ip
 from shardudp.errors import StartupError
 from shardudp.sockets import ifindex_of
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
@@ -172,9 +173,9 @@ class ShardPort(MulticastPort):
 
     _stats: ListenerStats | None
     _shared: bool
-    # (group, outgoing interface as the master set it: an IPv4 address, "" for
-    # the kernel's choice, or an IPv6 interface index) of a multicast
-    # listener's socket; None for a unicast one.
+    # (group, interface the master joined it on: an address, "" for the
+    # kernel's choice, or an IPv6 interface index when read back from the
+    # socket) of a multicast listener's socket; None for a unicast one.
     _membership: tuple[str, str | int] | None
     _errors: _ErrorLog
     _send_errors: _ErrorLog
@@ -190,10 +191,16 @@ class ShardPort(MulticastPort):
         stats: ListenerStats | None = None,
         shared: bool = True,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        multicast_interface: str | None = None,
     ) -> Self:
         """Wrap a dup of ``sock`` (created and bound elsewhere) for ``protocol``.
 
         The caller keeps its own ``sock``; closing the port closes only the dup.
+        ``multicast_interface``: for a socket bound to a multicast group, the
+        interface address its group was joined on ("" for the kernel's
+        choice), from the listener's configuration. None reads the socket's
+        outgoing interface instead, which anyone sharing the socket may have
+        changed since (``setOutgoingInterface`` in single mode).
         """
         family = _check_adoptable(sock)
         if isinstance(max_packet_size, bool) or not isinstance(max_packet_size, int):
@@ -202,6 +209,9 @@ class ShardPort(MulticastPort):
             raise ValueError(f"max_packet_size must be 1..65535, got {max_packet_size}")
         if stats is not None and not isinstance(stats, ListenerStats):
             raise TypeError(f"stats must be a ListenerStats or None, not {type(stats).__name__}")
+        if multicast_interface and _canonical_ip(multicast_interface) is None:
+            raise ValueError(f"multicast_interface must be an IP address, "
+                             f"not {multicast_interface!r}")
         dup = sock.dup()
         try:
             # The shared file description may have been left blocking by anyone.
@@ -220,7 +230,7 @@ class ShardPort(MulticastPort):
         self._stats = stats
         self._shared = bool(shared)
         self._good_hosts = {}
-        self._membership = _membership_of(dup)
+        self._membership = _membership_of(dup, multicast_interface)
         name = f"{type(protocol).__name__} on {interface}:{dup.getsockname()[1]}"
         self._errors = _ErrorLog(f"datagramReceived of {name} raised")
         self._send_errors = _ErrorLog(f"send from {name} failed")
@@ -380,8 +390,9 @@ class ShardPort(MulticastPort):
             raise ShardedSocketError(
                 "connect() refused: this socket is shared (a member of a SO_REUSEPORT group); "
                 "on Linux connect() silently removes it from the group and reshuffles every "
-                "worker's flows. Use a private socket (adopt(..., shared=False)) for connected "
-                "mode."
+                "worker's flows. For connected UDP, bind a listener to port 0 (--bind HOST:0) "
+                "to give each worker a private socket, or open a client socket with "
+                "reactor.listenUDP(0, proto) and connect that."
             )
         _StockPort.connect(self, host, port)
 
@@ -420,7 +431,7 @@ class ShardPort(MulticastPort):
         assert self._membership is not None
         group, own_if = self._membership
         port = self._sock.getsockname()[1]
-        if not _same_ip(addr, group):
+        if _canonical_ip(addr) != group:
             return fail(error.MulticastJoinError(
                 f"{call}({addr!r}) refused: this listener's sockets are bound to {group}:{port} "
                 f"and never receive {addr}; add a --multicast listener for {addr}:{port}"))
@@ -436,13 +447,19 @@ class ShardPort(MulticastPort):
     def _is_own_interface(self, interface: str) -> bool:
         assert self._membership is not None
         own_if = self._membership[1]
-        if not interface or (_is_ip(interface) and ipaddress.ip_address(interface).is_unspecified):
+        given = _canonical_ip(interface)
+        if not interface or given in ("0.0.0.0", "::"):
             return True  # stock Twisted's "any": here, the listener's own
-        if isinstance(own_if, str):
-            return _same_ip(interface, own_if)
+        if given is None or not own_if:
+            return False
+        if given == own_if:
+            return True
+        if self.addressFamily != socket.AF_INET6:
+            return False
+        # An IPv6 membership is per interface: any of its addresses names it.
         try:
-            return ifindex_of(interface) == own_if
-        except (StartupError, ValueError):
+            return ifindex_of(given) == (own_if if isinstance(own_if, int) else ifindex_of(own_if))
+        except StartupError:
             return False
 
     # IP_MULTICAST_TTL is an IPv4 option; on an AF_INET6 socket Linux accepts it
@@ -464,10 +481,11 @@ class ShardPort(MulticastPort):
         self._send_errors.flush()
         try:
             _StockPort.connectionLost(self, reason)
-        except Exception as exc:
-            # Usually the protocol's stopProtocol. Stock Twisted then neither
-            # closes the socket nor fires stopListening's Deferred, and a
-            # stopping worker would wait out its graceful timeout.
+        except BaseException as exc:
+            # Usually the protocol's stopProtocol, which may even call
+            # sys.exit(). Stock Twisted then neither closes the socket nor
+            # fires stopListening's Deferred, and a stopping worker would wait
+            # out its graceful timeout.
             logger.error("stopping %s raised %s: %s; closing its port anyway",
                          type(self.protocol).__name__, type(exc).__name__, exc, exc_info=exc)
             self._finish_close()
@@ -494,33 +512,34 @@ def _drain_error_queue(sock: socket.socket) -> int:
     return 64
 
 
-def _is_ip(text: str) -> bool:
+def _canonical_ip(text: object) -> str | None:
+    """An IP literal written the way the configuration writes it; None for anything else."""
     try:
-        ipaddress.ip_address(text)
+        return parse_ip(text)
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _same_ip(a: str, b: str) -> bool:
-    """Whether two address literals name the same address (a hostname never does)."""
-    return _is_ip(a) and _is_ip(b) and ipaddress.ip_address(a) == ipaddress.ip_address(b)
-
-
-def _membership_of(sock: socket.socket) -> tuple[str, str | int] | None:
+def _membership_of(
+    sock: socket.socket, interface: str | None
+) -> tuple[str, str | int] | None:
     """(group, interface) of a socket bound to a multicast group, else None.
 
-    The interface is read back from the socket's outgoing interface, which
-    the master sets to the listener's before handing the socket over.
+    Without the listener's ``interface``, it is read back from the socket's
+    outgoing interface, which the master sets to the listener's before
+    handing the socket over.
     """
     host = sock.getsockname()[0]
-    if not ipaddress.ip_address(host).is_multicast:
+    group = _canonical_ip(host)
+    if group is None or not ipaddress.ip_address(group).is_multicast:
         return None
+    if interface is not None:
+        return group, _canonical_ip(interface) or ""
     if sock.family == socket.AF_INET6:
-        return host, int(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF))
+        return group, int(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF))
     raw = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, 4)
     iface = socket.inet_ntoa(raw)
-    return host, "" if iface == "0.0.0.0" else iface
+    return group, "" if iface == "0.0.0.0" else iface
 
 
 def _check_adoptable(sock: object) -> socket.AddressFamily:
@@ -721,9 +740,12 @@ class CShardPort(ShardPort):
 
     def connectionLost(self, reason: Any = None) -> None:
         engine = self._engine
-        super().connectionLost(reason)
-        # Break the port <-> engine cycle now rather than at the next GC.
-        engine.close()
+        try:
+            super().connectionLost(reason)
+        finally:
+            # Break the port <-> engine cycle (and close the engine's dup)
+            # now rather than at the next GC.
+            engine.close()
 
 
 _CLASSES: Final[dict[str, type[ShardPort]]] = {

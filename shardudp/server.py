@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import control, logs, supervision, wire
-from .config import ServerConfig
+from .config import BY_KEY, ServerConfig
 from .errors import ExitCode, StartupError, WireError
 from .exporter import ExportView, LatestView, MetricsServer, WorkerState, start_http
 from .master import Child, Master
@@ -65,7 +65,7 @@ class Server(Master):
 
         A second server that clashes on either is refused having bound nothing.
         """
-        self.run_as = _resolve_user(self.cfg.user, self.cfg.group)
+        self.run_as = resolve_user(self.cfg.user, self.cfg.group)
         if self.cfg.pid_file:
             self._pid_fd = _claim_pid_file(self.cfg.pid_file, self.pid)
         path = control.resolve_path(self.cfg.control)
@@ -84,6 +84,13 @@ class Server(Master):
                                                       self.healthy_view)
             host = f"[{addr.host}]" if ":" in addr.host else addr.host
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    def _apply_one(self, a: supervision.Action) -> None:
+        if isinstance(a, supervision.AllReady):
+            # Before "all N workers ready" and READY=1 go out: whoever acts on
+            # them (a test, systemd, a deploy script) must find /healthz at 200.
+            self.publish()
+        super()._apply_one(a)
 
     def after_loop(self) -> None:
         if self.control is not None:
@@ -117,9 +124,10 @@ class Server(Master):
         if req.cmd == "status":
             return self.status()
         if req.cmd == "scale":
-            n = req.args["n"]
-            if not 1 <= n <= 1024:
-                raise control.ControlError(f"scale: n must be between 1 and 1024, got {n}")
+            try:
+                n = BY_KEY["workers"].parse(req.args["n"])
+            except ValueError as exc:
+                raise control.ControlError(f"scale: {exc}") from None
             self.apply(self.sup.scale(n, now))
             return {"workers": n}
         if req.cmd == "reload":
@@ -137,6 +145,11 @@ class Server(Master):
         for series in self.book.snapshot().listeners:
             out[series.slot] += series.counts.rx_datagrams
         return dict(out)
+
+    @property
+    def counting(self) -> bool:
+        """Whether workers count traffic (--metrics-interval 0 turns it off)."""
+        return self.cfg.metrics_interval > 0
 
     def status(self) -> dict[str, Any]:
         assert self.sup is not None
@@ -160,15 +173,16 @@ class Server(Master):
         for index, sl in sorted(self.sup.slots.items()):
             w = self.sup.workers.get(sl.current) if sl.current is not None else None
             rate = None
-            if old is not None:
+            if old is not None and self.counting:
                 rate = (rx.get(index, 0) - old[1].get(index, 0)) / max(now - old[0], 1e-9)
             slots.append({
                 "slot": index,
                 "pid": w.pid if w else None,
                 "state": w.state.value if w else "down",
                 "age": round(now - w.started, 3) if w else None,
-                "rx": rx.get(index, 0),
-                "tx": tx.get(index, 0),
+                # None, not 0, when nothing counts: zero would read as no traffic.
+                "rx": rx.get(index, 0) if self.counting else None,
+                "tx": tx.get(index, 0) if self.counting else None,
                 "rx_rate": None if rate is None else round(max(rate, 0.0), 1),
                 "drops": drops.get(index, 0),
                 "heartbeat_age": round(now - w.last_seen, 3) if w else None,
@@ -180,6 +194,7 @@ class Server(Master):
             "workers": self.sup.size,
             "healthy": self.sup.healthy() and not self._silent,
             "silent_slots": sorted(self._silent),
+            "counting": self.counting,
             "stopping": self.sup.stopping,
             "listeners": [lst.name for lst in self.cfg.listeners],
             "metrics_port": self.metrics_port,
@@ -230,11 +245,12 @@ class Server(Master):
                     silent=index in self._silent)
         socks = tuple((slot, ss.listener.name, ss.sock) for slot, ss in self.sockets.all_sockets())
         self.view.view = ExportView(book=self.book.snapshot(), workers=workers, sockets=socks,
-                                    master_pid=self.pid, kernel=self.sockets.kernel_stats)
+                                    master_pid=self.pid, kernel=self.sockets.kernel_stats,
+                                    counting=self.counting)
         self._dirty = False
 
 
-def _resolve_user(user: str | None, group: str | None) -> tuple[int, int] | None:
+def resolve_user(user: str | None, group: str | None) -> tuple[int, int] | None:
     if user is None and group is None:
         return None
     if os.geteuid() != 0:

@@ -7,6 +7,9 @@ Rules this module enforces:
   only sees the groups it joined itself: with the default, a unicast socket
   on 0.0.0.0:P gets a copy of every group on port P that anything on the host
   joined;
+- every IPv6 socket sets ``IPV6_V6ONLY``: [::]:P serves IPv6 only, whatever
+  the host's ``bindv6only`` says, so it never overlaps 0.0.0.0:P or
+  127.0.0.1:P (``0.0.0.0:P`` plus ``[::]:P`` is the dual-stack recipe);
 - a filtered (shard) socket refuses everything from before it is bound until
   it is given its share, so it never takes another socket's datagrams;
 - a socket leaves its reuseport group only by ``connect()`` (to drain) or by
@@ -148,7 +151,8 @@ def _overlaps(a: str, b: str) -> bool:
     ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
     if ia == ib:
         return True
-    # A v6 wildcard may be dual-stack and so cover every v4 address too.
+    # Another program's v6 wildcard may be dual-stack and so cover every v4
+    # address too (ours are V6ONLY, but /proc/net/udp6 does not say which).
     if ia.is_unspecified and (ia.version == ib.version or ia.version == 6):
         return True
     return bool(ib.is_unspecified and (ia.version == ib.version or ib.version == 6))
@@ -255,6 +259,7 @@ def open_socket(listener: Listener, *, reuseport: bool, filtered: bool = False) 
             sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
         else:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if filtered:
             attach_filter(sock, DROP_ALL)
         apply_multicast_options(sock, listener)
@@ -264,13 +269,26 @@ def open_socket(listener: Listener, *, reuseport: bool, filtered: bool = False) 
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        what = "bind" if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) else "set up"
-        raise StartupError(f"cannot {what} {addr} for listener {listener.name!r}: "
-                           f"{exc.strerror or exc}") from None
+        raise StartupError(_open_error(listener, exc)) from None
     except StartupError:
         sock.close()
         raise
     return sock
+
+
+_BIND_ERRNOS: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _open_error(listener: Listener, exc: OSError) -> str:
+    """The one line a failed ``open_socket`` reports, with what to do about it."""
+    addr = listener.address
+    what = "bind" if exc.errno in _BIND_ERRNOS else "set up"
+    line = f"cannot {what} {addr} for listener {listener.name!r}: {exc.strerror or exc}"
+    if exc.errno == errno.EACCES and 0 < addr.port < 1024:
+        line += ("; ports below 1024 need privilege: start as root (with --user USER to run "
+                 "the workers as USER), or grant CAP_NET_BIND_SERVICE (in a systemd unit: "
+                 "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
+    return line
 
 
 def rcvbuf_of(sock: socket.socket) -> int:

@@ -80,10 +80,7 @@ class SocketSet:
                 for lst in self.listeners:
                     made.append(SlotSocket(lst, self._open(lst), kind_of(lst)))
             except BaseException:
-                for ss in made:
-                    if ss.kind != "single":
-                        self._shares.pop(ss.sock, None)
-                        ss.sock.close()
+                self._close_own(made)
                 raise
             self._by_slot[slot] = made
             # Sampled while its new shard sockets still refuse everything:
@@ -156,19 +153,14 @@ class SocketSet:
             if slot not in self._detached:
                 self._detach(slot)  # so that no datagram of its share is lost
             self._sample()  # the last word of the sockets about to close
-            closing = [ss.sock for ss in self._by_slot.pop(slot) if ss.kind != "single"]
-            self._drops.forget(closing)
-            for sock in closing:
-                self._shares.pop(sock, None)
-                sock.close()
+            closed = self._close_own(self._by_slot.pop(slot))
+            self._drops.forget(closed)
             self._detached.discard(slot)
 
     def close_all(self) -> None:
         with self._lock:
             for lst in self._by_slot.values():
-                for ss in lst:
-                    if ss.kind != "single":
-                        ss.sock.close()
+                self._close_own(lst)
             for sock in [*self._single.values(), *self._tally.values()]:
                 sock.close()
             self._by_slot.clear()
@@ -176,6 +168,14 @@ class SocketSet:
             self._tally.clear()
             self._shares.clear()
             self._detached.clear()
+
+    def _close_own(self, slot_sockets: list[SlotSocket]) -> list[socket.socket]:
+        """Close the sockets that are the slot's own (not the shared single one); return them."""
+        own = [ss.sock for ss in slot_sockets if ss.kind != "single"]
+        for sock in own:
+            self._shares.pop(sock, None)
+            sock.close()
+        return own
 
     def forget_in_child(self) -> None:
         """In a forked worker: drop the master's socket objects without closing.

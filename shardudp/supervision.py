@@ -21,6 +21,14 @@ BACKOFF_BASE: Final = 0.5
 #: A worker's pipe reaches EOF a moment before the worker can be reaped, so
 #: an EOF is a fault only if the worker is still there this much later.
 PIPE_EOF_GRACE: Final = 1.0
+#: A rolling reload tries this many new workers for a slot (the replacement
+#: killed, timed out or sent bad frames before READY) before giving up.
+RELOAD_TRIES: Final = 3
+#: File descriptors the master needs besides its slots' sockets and pipes:
+#: standard streams, epoll, the signal wake-up pair, the control socket and
+#: its clients (64 at most), the metrics server's connections, the log and
+#: pid files, and what reading /proc and importing modules open for a moment.
+FD_RESERVE: Final = 128
 
 
 class WState(enum.Enum):
@@ -137,6 +145,8 @@ class Slot:
     spawning: bool = False  # a Spawn was emitted, its pid not yet known
     retiring: bool = False
     opening: bool = False  # added by a scale-up; its sockets are not open yet
+    #: New workers of the current reload that died before READY.
+    reload_failures: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +170,17 @@ def backoff_delay(crashes: int, cap: float) -> float:
     if crashes <= 1:
         return 0.0
     return float(min(cap, BACKOFF_BASE * 2 ** (crashes - 2)))
+
+
+def fds_needed(workers: int, slot_sockets: int, shared_sockets: int) -> int:
+    """About how many file descriptors the master of ``workers`` slots needs.
+
+    Each slot has ``slot_sockets`` sockets and its worker's two pipe ends;
+    while a worker is forked, or a reload runs a slot's old and new workers
+    side by side, four more pipe ends are open. ``shared_sockets`` belong to
+    no slot (single-mode sockets, shard tallies).
+    """
+    return workers * (slot_sockets + 2) + shared_sockets + 4 + FD_RESERVE
 
 
 def describe_exit(code: int | None, signal: int | None) -> tuple[str, str]:
@@ -238,9 +259,7 @@ class Supervisor:
         if s.retiring:
             return self._close_if_empty(s)
         if s.current is not None:  # the replacement of a rolling reload
-            self._reload, self._reloading = [], False
-            return [Log("error", f"reload aborted: cannot start a new worker for slot {slot}: "
-                                 f"{reason}; old workers keep serving")]
+            return self._abort_reload(f"cannot start a new worker for slot {slot}: {reason}")
         return self._restart_later(s, f"cannot start a worker for slot={slot}: {reason}", now,
                                    at_once=False)
 
@@ -279,6 +298,8 @@ class Supervisor:
         w.state, w.ready_at, w.last_seen = WState.READY, now, now
         out: list[Action] = [Log("info", f"worker slot={w.slot} pid={pid} ready")]
         s = self.slots.get(w.slot)
+        if s is not None:
+            s.reload_failures = 0
         if s is not None and s.incoming == pid and s.current is not None:
             # Rolling reload: the new worker serves, so the old one may go.
             old = self.workers[s.current]
@@ -336,35 +357,37 @@ class Supervisor:
         if self._stopping is not None:
             return out + self._maybe_exit()
 
-        # Only the worker's word (BootFailed, or its exit status 3) makes a boot
-        # failure; a death by signal while booting is a crash like any other.
-        boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
         if w.boot_error is not None:
             text = f"failed to boot: {w.boot_error}"
-        if boot and w.state is WState.BOOTING:
-            cause = w.boot_error or f"worker slot={w.slot} exited during boot"
-            if not self._ever_ready:
-                # Before the server ever served, a boot failure is a bad APP or
-                # environment: halt with a distinct code instead of looping.
-                return out + self.shutdown(ExitCode.BOOT, cause, now)
-            if was_incoming:
-                self._reload, self._reloading = [], False
-                return [*out, Log("error", f"reload aborted: new worker for slot {w.slot} failed "
-                                           f"to boot: {cause}; old workers keep serving")]
+        own_exit = signal is None and code != 0 and w.stop_reason is None
+        if w.state is WState.BOOTING and not self._ever_ready and (
+                w.boot_error is not None or own_exit):
+            # Before the server ever served, a worker that failed to boot (it
+            # said so, or exited by itself) means a bad APP or environment:
+            # halt with a distinct code instead of looping. A death by signal
+            # while booting is a crash like any other.
+            cause = w.boot_error or (f"worker slot={w.slot} exited with status {code} while "
+                                     "booting the APP")
+            return out + self.shutdown(ExitCode.BOOT, cause, now)
         if s is None:
             return out
         if s.retiring:
             return out + self._close_if_empty(s)
-        if expected and s.current is not None:
+        if expected:
+            # The old worker of a reloaded slot: its replacement serves (or
+            # crashed, and its respawn is already scheduled). Never a crash.
             return out + self._advance_reload(now)
         # Unexpected: a crash, kill -9, timeout or bad frames.
-        if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
-            s.crashes = 0
         msg = f"worker slot={w.slot} pid={pid} {text}"
         if w.stop_reason in ("timeout", "wire"):
             msg += f" after {w.stop_reason}"
+        if was_incoming:  # the old worker still serves the slot
+            boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
+            return out + self._retry_replacement(s, msg, boot, now)
+        if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
+            s.crashes = 0
         out += self._check_all_ready()
-        if s.current is not None:  # mid-reload: the slot still has a worker
+        if s.current is not None:  # mid-reload: the old worker died, its replacement boots
             out.append(Log("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}"))
         else:
             out += self._restart_later(s, msg, now)
@@ -502,6 +525,31 @@ class Supervisor:
         self._reload = [i for i in self._reload if i != s.index]
         return out + self._spawn_due(now)
 
+    def _retry_replacement(self, s: Slot, what: str, boot: bool, now: float) -> list[Action]:
+        """A rolling reload's new worker for ``s`` died before READY.
+
+        New code that fails to boot aborts the reload at once. Anything else
+        (killed, timed out, bad frames) is retried after a backoff, up to
+        RELOAD_TRIES new workers, so that "reload complete" means every slot
+        runs the new code.
+        """
+        s.reload_failures += 1
+        if boot:
+            return self._abort_reload(f"new {what}")
+        if s.reload_failures >= RELOAD_TRIES:
+            return self._abort_reload(f"new {what}; {RELOAD_TRIES} new workers for slot "
+                                      f"{s.index} died before READY")
+        delay = backoff_delay(s.reload_failures + 1, self.policy.backoff_max)
+        s.spawn_at = now + delay
+        return [Log("warning", f"{what}; slot {s.index} keeps worker pid={s.current}; starting "
+                               f"another new worker in {delay:.1f}s")]
+
+    def _abort_reload(self, why: str) -> list[Action]:
+        self._reload, self._reloading = [], False
+        for s in self.slots.values():
+            s.reload_failures = 0
+        return [Log("error", f"reload aborted: {why}; old workers keep serving")]
+
     def _replace(self, w: Worker, why: str, text: str, now: float) -> list[Action]:
         """TERM a faulty worker (KILL after the grace); ``exited`` replaces it."""
         w.stop_reason, w.state, w.kill_at = why, WState.STOPPING, now + self.policy.kill_grace
@@ -530,9 +578,11 @@ class Supervisor:
         return [SendStop(w.pid, self.policy.graceful_timeout, drain)]
 
     def _advance_reload(self, now: float) -> list[Action]:
-        # One slot at a time: wait while a replacement boots or an old worker
-        # of a reloaded slot is still draining.
-        if any(s.incoming is not None or s.spawning for s in self.slots.values()):
+        # One slot at a time: wait while a replacement boots (or is due to be
+        # started again) or an old worker of a reloaded slot is still draining.
+        if any(s.incoming is not None or s.spawning
+               or (s.current is not None and s.spawn_at is not None)
+               for s in self.slots.values()):
             return []
         if any(w.stop_reason == "reload" for w in self.workers.values()):
             return []

@@ -26,6 +26,24 @@ _HEADER: Final = struct.Struct(">I")
 #: Longest text a Log message carries; longer text is cut by ``Log.bounded``.
 LOG_TEXT_MAX: Final = 16384
 LOG_NAME_MAX: Final = 256
+#: Longest boot failure reason: it ends up as one line on the operator's terminal.
+BOOT_REASON_MAX: Final = 4096
+
+
+def bounded_text(text: str, limit: int) -> str:
+    """``text`` made encodable and at most ``limit`` characters long.
+
+    Lone surrogates (``os.fsdecode`` of a non-UTF-8 file name) cannot be
+    encoded as UTF-8: they become backslash escapes. A long text keeps its
+    head and its tail, since a traceback ends with the exception itself, and
+    says how much was cut.
+    """
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    keep = limit - 64  # room for the note
+    cut = len(text) - keep
+    return f"{text[:keep - keep // 2]} [... {cut} characters cut ...] {text[-(keep // 2):]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +96,13 @@ class BootFailed(Message):
     """The APP could not be loaded or built; restarting will not help."""
 
     TAG: ClassVar[str] = "bootfail"
+    MAX_LEN: ClassVar[dict[str, int]] = {"reason": BOOT_REASON_MAX}
     reason: str
+
+    @classmethod
+    def bounded(cls, reason: str) -> BootFailed:
+        """A BootFailed whose reason is one line that fits ``MAX_LEN``."""
+        return cls(bounded_text(" ".join(reason.splitlines()), BOOT_REASON_MAX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +121,9 @@ class Log(Message):
 
     @classmethod
     def bounded(cls, level: int, name: str, text: str, created: float) -> Log:
-        """A Log whose strings fit ``MAX_LEN``: long text keeps its head and says so."""
-        if len(text) > LOG_TEXT_MAX:
-            keep = LOG_TEXT_MAX - 64  # room for the note
-            text = f"{text[:keep]} [... {len(text) - keep} characters cut]"
-        return cls(level, name[:LOG_NAME_MAX], text, created)
+        """A Log whose strings are encodable and fit ``MAX_LEN`` (see ``bounded_text``)."""
+        return cls(level, bounded_text(name, LOG_NAME_MAX), bounded_text(text, LOG_TEXT_MAX),
+                   created)
 
 
 @dataclasses.dataclass(frozen=True)

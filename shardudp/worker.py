@@ -8,6 +8,7 @@ installs a reactor; the master merely preloads Twisted's modules.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -17,13 +18,17 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
+import twisted
+
 from . import logs, wire
+from .config import Listener
 from .errors import ExitCode
 from .socketset import SlotSocket
 from .stats import ListenerStats
@@ -61,8 +66,61 @@ class WorkerSpec:
     run_as: tuple[int, int] | None = None
 
 
+#: Where code that is not the user's lives (computed before dropping privileges).
+_NOT_USER: Final = ("<", os.path.dirname(__file__) + os.sep,
+                    os.path.dirname(twisted.__file__) + os.sep)
+_STDLIB: Final = tuple({sysconfig.get_path(k) + os.sep for k in ("stdlib", "platstdlib")})
+
+
 class AppError(Exception):
-    """The APP named on the command line cannot be loaded or built."""
+    """The APP cannot be imported, built or started.
+
+    The text reads after the APP's name ("APP 'm:P' failed in import at
+    ..."); ``cause`` is what the APP raised, if it raised.
+    """
+
+    def __init__(self, problem: str, cause: BaseException | None = None) -> None:
+        super().__init__(problem)
+        self.cause = cause
+
+
+def _raised(phase: str, exc: BaseException) -> AppError:
+    where = _user_frame(exc)
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return AppError(f"failed in {phase}{f' at {where}' if where else ''}: {what}", exc)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of ``exc`` in the user's code.
+
+    That is any frame outside shardudp, Twisted, importlib and the standard
+    library (a library installed in site-packages counts as the user's).
+    """
+    if isinstance(exc, SyntaxError) and exc.filename:  # raised by the compiler: no frame
+        return f"{exc.filename}:{exc.lineno}"
+    where = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        path = frame.f_code.co_filename
+        if path.startswith(_NOT_USER) or (path.startswith(_STDLIB) and "-packages" not in path):
+            continue
+        where = f"{path}:{lineno}"
+    return where
+
+
+def _unreadable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception in its cause chain says a file could not be read.
+
+    An APP directory the worker's user may not list shows up as
+    ModuleNotFoundError, an unreadable file as PermissionError.
+    """
+    for _ in range(16):  # a cause chain may loop
+        if exc is None:
+            return False
+        if isinstance(exc, ImportError) or (isinstance(exc, OSError)
+                                            and exc.errno in (errno.EACCES, errno.EPERM)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def load_app(spec: str) -> Callable[[], Any]:
@@ -73,31 +131,38 @@ def load_app(spec: str) -> Callable[[], Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except BaseException as exc:  # an APP calling sys.exit() at import still gets a reason
-        raise AppError(f"cannot import {module_name!r} (from APP {spec!r}): "
-                       f"{type(exc).__name__}: {exc}") from None
+        raise _raised("import", exc) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise AppError(f"APP {spec!r}: module {module_name!r} has no attribute {attr!r}") \
+            raise AppError(f"names nothing: module {module_name!r} has no attribute {attr!r}") \
                 from None
     if isinstance(obj, type) and not issubclass(obj, AbstractDatagramProtocol):
-        raise AppError(f"APP {spec!r} is a class but not a DatagramProtocol subclass")
+        raise AppError("is a class but not a DatagramProtocol subclass")
     if not callable(obj):
-        raise AppError(f"APP {spec!r} is neither a DatagramProtocol subclass nor a callable")
+        raise AppError("is neither a DatagramProtocol subclass nor a callable")
 
     def build() -> Any:
         try:
             proto = obj()
         except BaseException as exc:
-            raise AppError(f"APP {spec!r} raised while being built: "
-                           f"{type(exc).__name__}: {exc}") from None
+            raise _raised("build", exc) from None
         if not isinstance(proto, AbstractDatagramProtocol):
-            raise AppError(f"APP {spec!r} returned {type(proto).__name__}, "
-                           "not a DatagramProtocol instance")
+            raise AppError(f"returned {type(proto).__name__}, not a DatagramProtocol instance")
         return proto
 
     return build
+
+
+@contextlib.contextmanager
+def _booting(listener: Listener) -> Iterator[None]:
+    """Name the APP and the listener in an AppError raised inside."""
+    try:
+        yield
+    except AppError as exc:
+        raise AppError(f"APP {listener.app!r} (listener {listener.name}) {exc}",
+                       exc.cause) from None
 
 
 def _close_foreign_fds(keep: set[int]) -> None:
@@ -139,6 +204,12 @@ class PipeWriter:
 
     Thread-safe: log records may come from any thread. ``on_error`` hears of
     a write error other than EAGAIN once; the writer is dead afterwards.
+
+    A finalizer (Twisted's "Unhandled error in Deferred") or a signal handler
+    may log, and so call ``send`` again, while this thread is inside it. Frames
+    are therefore encoded before any lock is taken, and queued without one;
+    a re-entrant ``flush`` leaves the writing to the call it interrupted,
+    instead of waiting forever for the lock that call holds.
     """
 
     def __init__(self, fd: int) -> None:
@@ -146,27 +217,41 @@ class PipeWriter:
         self.buf = bytearray()
         self.broken = False
         self.on_error: Callable[[OSError], None] | None = None
+        self._queue: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
+        self._inside = threading.local()
         os.set_blocking(fd, False)
 
     def send(self, msg: wire.Message, *, droppable: bool = False,
              backlog: int = PIPE_BACKLOG) -> bool:
         """Queue and try to write ``msg``; False if it was dropped."""
-        with self._lock:
-            if self.broken or (droppable and len(self.buf) > backlog):
-                return False
-            self.buf += wire.encode(msg)
+        frame = wire.encode(msg)
+        if self.broken or (droppable and len(self.buf) > backlog):
+            return False
+        self._queue.append(frame)
         self.flush()
         return True
 
     def flush(self) -> None:
-        with self._lock:
-            error = self._flush_locked()
+        if getattr(self._inside, "flushing", False):
+            return  # re-entered on this thread: the flush it interrupted (or the next) writes
+        # Set before taking the lock: a handler running while we wait for it
+        # must not wait too.
+        self._inside.flushing = True
+        try:
+            with self._lock:
+                error = self._flush_locked()
+        finally:
+            self._inside.flushing = False
         if error is not None and self.on_error is not None:
             self.on_error(error)
 
     def _flush_locked(self) -> OSError | None:
-        while self.buf and not self.broken:
+        while not self.broken:
+            while self._queue:
+                self.buf += self._queue.popleft()
+            if not self.buf:
+                return None
             try:
                 n = os.write(self.fd, self.buf)
             except BlockingIOError:
@@ -174,6 +259,7 @@ class PipeWriter:
             except OSError as exc:
                 self.broken = True
                 self.buf.clear()
+                self._queue.clear()
                 return exc
             del self.buf[:n]
         return None
@@ -184,7 +270,7 @@ class PipeWriter:
         deadline_polls = max(1, int(timeout / 0.05))
         for _ in range(deadline_polls):
             self.flush()
-            if not self.buf or self.broken:
+            if not (self.buf or self._queue) or self.broken:
                 return
             select.select([], [self.fd], [], 0.05)
 
@@ -247,9 +333,14 @@ class Worker:
 
     # -- lifecycle
 
-    def boot(self, factories: dict[str, Callable[[], Any]]) -> None:
+    def boot(self) -> None:
+        """Import every listener's APP, then build and start each; AppError if one fails."""
         from .port import port_class
 
+        factories = {}
+        for ss in self.spec.sockets:
+            with _booting(ss.listener):
+                factories[ss.listener.name] = load_app(ss.listener.app)
         cls = port_class(self.spec.datapath)
         counting = self.spec.metrics_interval > 0
         for ss in self.spec.sockets:
@@ -257,10 +348,16 @@ class Worker:
             stats = ListenerStats() if counting else None
             if stats is not None:
                 self.stats[name] = stats
-            proto = factories[name]()
+            with _booting(ss.listener):
+                proto = factories[name]()
             port: Any = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
-                                  max_packet_size=ss.listener.max_packet_size)
-            port.startListening()
+                                  max_packet_size=ss.listener.max_packet_size,
+                                  multicast_interface=ss.listener.multicast_interface or "")
+            with _booting(ss.listener):
+                try:
+                    port.startListening()  # runs the APP's startProtocol
+                except BaseException as exc:  # SystemExit from startProtocol too
+                    raise _raised("startProtocol", exc) from None
             if ss.kind == "single":
                 port.stopReading()  # standby until the master names us leader
             self.ports[name] = port
@@ -391,19 +488,16 @@ def run(spec: WorkerSpec) -> int:
     worker.out.send(wire.Hello(slot=spec.slot, incarnation=spec.incarnation, pid=os.getpid()))
 
     try:
-        factories = {ss.listener.name: load_app(ss.listener.app) for ss in spec.sockets}
-        worker.boot(factories)
+        worker.boot()
     except AppError as exc:
         reason = str(exc)
-        if spec.run_as is not None and ("Error" in reason and ("Import" in reason or
-                                                               "Permission" in reason)):
-            reason += (f" (the worker runs as uid {spec.run_as[0]}: is the Python installation "
+        if spec.run_as is not None and _unreadable(exc.cause):
+            reason += (f" (the worker runs as uid {spec.run_as[0]}: are the Python installation "
                        "and the APP readable by that user?)")
+        if exc.cause is not None:
+            log.debug("boot failure detail:\n%s",
+                      "".join(traceback.format_exception(exc.cause)))
         return _boot_failed(worker, reason)
-    except BaseException as exc:  # SystemExit from startProtocol is a boot failure too
-        tb = traceback.format_exc(limit=-3)
-        log.debug("boot failure detail:\n%s", tb)
-        return _boot_failed(worker, f"{type(exc).__name__}: {exc}")
 
     from twisted.internet.task import LoopingCall
 
@@ -419,6 +513,6 @@ def run(spec: WorkerSpec) -> int:
 
 
 def _boot_failed(worker: Worker, reason: str) -> int:
-    worker.out.send(wire.BootFailed(reason=reason))
+    worker.out.send(wire.BootFailed.bounded(reason))
     worker.out.flush_blocking(1.0)
     return ExitCode.BOOT

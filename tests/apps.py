@@ -212,3 +212,41 @@ class Printer(DatagramProtocol):
         for i in range(self.LINES):
             print(f"printer {pid} {i:04d} " + "x" * 60)
         print(f"printer {pid} done")
+
+
+class ExitInStartProtocol(DatagramProtocol):
+    """Exits with status 7 while booting (an APP calling os._exit in startProtocol)."""
+
+    def startProtocol(self):
+        os._exit(7)
+
+
+class RaiseInStartProtocol(DatagramProtocol):
+    """Raises in startProtocol: the boot failure line must say where."""
+
+    def startProtocol(self):
+        raise RuntimeError("boom in startProtocol")
+
+
+class HugeBootError(DatagramProtocol):
+    """Raises in startProtocol with a 2 MB message (a dumped config, say)."""
+
+    def startProtocol(self):
+        raise RuntimeError("bad config value: " + "x" * 2_000_000 + " (the end)")
+
+
+class SurrogateBootError(DatagramProtocol):
+    """Raises in startProtocol naming a file whose name is not UTF-8."""
+
+    def startProtocol(self):
+        raise RuntimeError("cannot read " + os.fsdecode(b"/etc/caf\xe9.conf"))
+
+
+class SurrogateLog(DatagramProtocol):
+    """Echo that logs a file name that is not UTF-8 when it starts."""
+
+    def startProtocol(self):
+        log.warning("file name %s", os.fsdecode(b"caf\xe9"))
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)

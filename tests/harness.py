@@ -302,3 +302,35 @@ class Flows:
 def ctl(srv: Server, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     env = dict(child_env(), SHARDUDP_CONTROL=srv.control)
     return run_cli("ctl", *args, env=env, timeout=timeout)
+
+
+class McastSenders(Flows):
+    """``n`` loopback-only multicast senders, each its own flow (source port).
+
+    ``send(i, data)`` goes to ``group:port``; replies come back by unicast and
+    ``collect`` / ``replies`` read them.
+    """
+
+    def __init__(self, n: int, group: str = "", port: int = 0) -> None:
+        super().__init__(n, port)
+        self.host = group
+        for s in self.socks:
+            # Never leave the machine: send the group out of lo only.
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+
+    def send_many(self, addr: tuple[str, int], count: int, prefix: bytes = b"",
+                  start: int = 0) -> None:
+        """Datagram i (``prefix`` + 6 digits) for i in start..start+count, from sender i % n."""
+        for i in range(start, start + count):
+            self.socks[i % len(self.socks)].sendto(b"%s%06d" % (prefix, i), addr)
+            if i % 50 == 49:
+                time.sleep(0.005)  # pacing the sender, not synchronising
+
+    def replies(self, want: int, timeout: float) -> list[tuple[int, bytes]]:
+        """(pid, payload) of each reply of an APP answering ``PID:payload``."""
+        out = []
+        for _, data in self.collect(want, timeout):
+            pid, _, payload = data.partition(b":")
+            out.append((int(pid), payload))
+        return out

@@ -13,13 +13,21 @@ class Member(DatagramProtocol):
 
     ``options`` -> ``PID:ttl=T loop=L``; ``setttl N`` (and loopback on); ``join G [IFACE]`` and
     ``leave G [IFACE]`` -> ``PID:join ok`` or ``PID:join failed: ...``.
-    With $MEMBER_JOIN ("GROUP IFACE"), joins that group when it starts.
+    With $MEMBER_JOIN ("GROUP IFACE"), joins that group when it starts. With
+    $MEMBER_CLOBBER_IF (an address), sets it as the outgoing interface every
+    2 ms, as an APP sharing a single-mode socket may do at any time.
     """
 
     def startProtocol(self):
         join = os.environ.get("MEMBER_JOIN")
         if join:
             self.transport.joinGroup(*join.split())
+        clobber = os.environ.get("MEMBER_CLOBBER_IF")
+        if clobber:
+            from twisted.internet import task
+
+            self.clobber = task.LoopingCall(self.transport.setOutgoingInterface, clobber)
+            self.clobber.start(0.002)
 
     def datagramReceived(self, data, addr):
         cmd, *args = data.decode(errors="replace").split()

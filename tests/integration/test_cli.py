@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Flows, Server, free_port
+from harness import ROOT, Flows, Server, child_env, free_port, run_cli
 
 
-def shardudp(*args: str, env: dict[str, str | None] | None = None
-             ) -> subprocess.CompletedProcess[str]:
+def shardudp(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
+             prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run the CLI; ``env`` adds variables, or removes those set to None."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("SHARDUDP_")}
     full.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
@@ -29,8 +31,9 @@ def shardudp(*args: str, env: dict[str, str | None] | None = None
             full.pop(k, None)
         else:
             full[k] = v
-    return subprocess.run([sys.executable, "-m", "shardudp", *args], capture_output=True,
-                          text=True, timeout=30, env=full, stdin=subprocess.DEVNULL)
+    return subprocess.run([*prefix, sys.executable, "-m", "shardudp", *args],
+                          capture_output=True, text=True, timeout=30, env=full,
+                          stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def errors(res: subprocess.CompletedProcess[str]) -> list[str]:
@@ -136,6 +139,17 @@ def test_one_error_per_problem(tmp_path: Path, table: str, expected: str) -> Non
          ["([::1]:5000)", "([::]:5000)", "overlap"]),
         (["--multicast", "228.0.0.5:5000", "--multicast-ttl", "256"],
          ["--multicast-ttl: 256 is out of range [0, 255]"]),
+        # A multicast setting with no multicast listener at all, as in a unicast table.
+        (["--bind", "127.0.0.1:5000", "--multicast-ttl", "3"],
+         ["--multicast-ttl: only valid with a multicast listener"]),
+        (["--bind", "127.0.0.1:5000", "--multicast-interface", "127.0.0.1"],
+         ["--multicast-interface: only valid with a multicast listener"]),
+        # sun_path holds 107 bytes and a NUL.
+        (["--bind", "127.0.0.1:5000", "--control", "/tmp/" + "c" * 103],
+         ["--control: /tmp/ccc", "is 108 bytes long; a unix socket path takes at most 107"]),
+        # A mistyped directory is refused, not created (tested at run below).
+        (["--bind", "127.0.0.1:5000", "--control", "/nonexistent-shardudp/dir/c.sock"],
+         ["--control: directory /nonexistent-shardudp does not exist"]),
     ],
 )
 def test_check_refuses_what_can_never_work(args: list[str], needles: list[str]) -> None:
@@ -145,7 +159,7 @@ def test_check_refuses_what_can_never_work(args: list[str], needles: list[str]) 
 
 
 def test_families_and_ports_that_do_not_overlap_are_fine() -> None:
-    eff = effective("a:B", "--bind", "0.0.0.0:5000", "--bind", "[::]:5000",
+    eff = effective("apps:Upper", "--bind", "0.0.0.0:5000", "--bind", "[::]:5000",
                     "--bind", "127.0.0.1:5001", "--bind", "127.0.0.1:0", "--bind", "0.0.0.0:0")
     assert len(eff["listener"]) == 5  # type: ignore[arg-type]
 
@@ -158,14 +172,14 @@ def test_listeners_on_the_command_line_replace_the_files(tmp_path: Path) -> None
     (line,) = errors(shardudp("check", "--config", str(cfg),
                               env={"SHARDUDP_BIND": "127.0.0.1:7000"}))
     assert line.startswith("SHARDUDP_BIND 127.0.0.1:7000: no APP"), line
-    eff = effective("c:D", "--config", str(cfg), "--bind", "127.0.0.1:7000")
+    eff = effective("apps:WhoAmI", "--config", str(cfg), "--bind", "127.0.0.1:7000")
     assert [(x["app"], x["bind"]) for x in eff["listener"]] == [  # type: ignore[attr-defined]
-        ("c:D", "127.0.0.1:7000")]
+        ("apps:WhoAmI", "127.0.0.1:7000")]
     # Without an APP on the command line, the file's top-level app is the default.
-    cfg.write_text('app = "e:F"\n[[listener]]\nbind = "127.0.0.1:6000"\n')
+    cfg.write_text('app = "apps:Upper"\n[[listener]]\nbind = "127.0.0.1:6000"\n')
     eff = effective("--config", str(cfg), "--bind", "127.0.0.1:7000")
     assert [(x["app"], x["bind"]) for x in eff["listener"]] == [  # type: ignore[attr-defined]
-        ("e:F", "127.0.0.1:7000")]
+        ("apps:Upper", "127.0.0.1:7000")]
 
 
 def test_a_file_declares_listeners_one_way(tmp_path: Path) -> None:
@@ -176,9 +190,9 @@ def test_a_file_declares_listeners_one_way(tmp_path: Path) -> None:
 
 
 def test_app_is_a_flag_too() -> None:
-    eff = effective("--app", "a:B", "--bind", "127.0.0.1:5000")
-    assert eff["listener"][0]["app"] == "a:B"  # type: ignore[index]
-    assert effective("a:B", "--app", "a:B", "--bind", "127.0.0.1:5000") == eff
+    eff = effective("--app", "apps:Upper", "--bind", "127.0.0.1:5000")
+    assert eff["listener"][0]["app"] == "apps:Upper"  # type: ignore[index]
+    assert effective("apps:Upper", "--app", "apps:Upper", "--bind", "127.0.0.1:5000") == eff
     (line,) = errors(shardudp("run", "a:B", "--app", "c:D", "--bind", "127.0.0.1:5000"))
     assert "a:B" in line and "--app c:D" in line, line
 
@@ -194,11 +208,11 @@ def test_metrics_port_alone_means_loopback(value: str, expected: str) -> None:
 
 
 def test_multicast_switches_on_the_command_line() -> None:
-    eff = effective("a:B", "--multicast", "228.0.0.5:5000", "--no-multicast-loopback",
+    eff = effective("apps:Upper", "--multicast", "228.0.0.5:5000", "--no-multicast-loopback",
                     "--multicast-ttl", "8")
     (lst,) = eff["listener"]  # type: ignore[misc]
     assert (lst["multicast_loopback"], lst["multicast_ttl"]) == (False, 8)
-    eff = effective("a:B", "--multicast", "228.0.0.5:5000", "--multicast-loopback",
+    eff = effective("apps:Upper", "--multicast", "228.0.0.5:5000", "--multicast-loopback",
                     env={"SHARDUDP_MULTICAST_LOOPBACK": "false"})
     assert eff["listener"][0]["multicast_loopback"] is True  # type: ignore[index]
 
@@ -207,11 +221,23 @@ def test_ctl_finds_the_control_socket_through_the_config_file(tmp_path: Path) ->
     sock = tmp_path / "ctl.sock"
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'control = "{sock}"\n')
+    # No server: the error names the path once, and where it came from.
     res = shardudp("status", "--config", str(cfg), env={"SHARDUDP_CONTROL": None})
-    assert res.returncode == 1 and str(sock) in res.stderr, res.stderr
+    assert res.returncode == 1 and res.stderr == (
+        f"shardudp: error: no shardudp is listening on {sock} (from control in {cfg})\n")
     # --control, then SHARDUDP_CONTROL, win over the file, as for `run`.
-    res = shardudp("ctl", "--config", str(cfg), "--control", str(tmp_path / "x.sock"), "status")
-    assert res.returncode == 1 and "x.sock" in res.stderr, res.stderr
+    other = tmp_path / "x.sock"
+    res = shardudp("ctl", "--config", str(cfg), "--control", str(other), "status")
+    assert res.returncode == 1 and res.stderr == (
+        f"shardudp: error: no shardudp is listening on {other}\n")
+    res = shardudp("status", "--config", str(cfg), env={"SHARDUDP_CONTROL": str(other)})
+    assert res.returncode == 1 and res.stderr == (
+        f"shardudp: error: no shardudp is listening on {other} (from SHARDUDP_CONTROL)\n")
+    res = shardudp("status", env={"SHARDUDP_CONTROL": None,
+                                  "RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    assert res.returncode == 1 and res.stderr == (
+        f"shardudp: error: no shardudp is listening on {tmp_path}/run/control.sock (auto, the "
+        "default; give --control or --config FILE to reach another server)\n")
     res = shardudp("status", "--config", str(cfg), env={"SHARDUDP_CONTROL": "none"})
     assert errors(res) == [
         "SHARDUDP_CONTROL: 'none' disables the control socket; nothing to talk to"]
@@ -257,14 +283,151 @@ def test_a_server_from_file_and_flags_serves_and_answers_ctl_and_health(tmp_path
                 proxy.listen(1)
                 proxy.setblocking(False)
                 proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
-                res = shardudp("health", "--metrics", m.group(1), "--timeout", "5",
+                res = shardudp("health", "--metrics", m.group(1), "--http-timeout", "5",
                                env={"http_proxy": proxy_url, "HTTP_PROXY": proxy_url,
                                     "no_proxy": "", "NO_PROXY": ""})
                 assert res.returncode == 0, res.stderr
                 assert res.stdout.startswith("healthy"), res.stdout
                 with pytest.raises(BlockingIOError):
                     proxy.accept()
+            # The address is found as the server's own setting is: here from the env.
+            res = shardudp("health", env={"SHARDUDP_METRICS": m.group(1)})
+            assert res.returncode == 0 and res.stdout.startswith("healthy"), res.stderr
+            # The server's --metrics 0 is no address to probe: say so, do not guess.
+            assert errors(shardudp("health", env={"SHARDUDP_METRICS": "0"})) == [
+                'SHARDUDP_METRICS: port 0: the server picked a free port and logged it '
+                '("metrics on ..."); give that one with --metrics']
             return
         finally:
             srv.stop()
     pytest.fail("no free port")
+
+
+def test_bare_shardudp_prints_the_usage_and_the_commands() -> None:
+    res = shardudp()
+    assert res.returncode == 2 and res.stderr.startswith("usage: shardudp"), res.stderr
+    for command in ("run", "check", "settings", "ctl", "status", "health"):
+        assert f"\n    {command} " in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_positional_app_is_one_error_named_app(command: str) -> None:
+    assert errors(shardudp(command, "workers.echo", "--bind", "127.0.0.1:9")) == [
+        "APP: expected MODULE:ATTR (e.g. workers.echo:Echo), got 'workers.echo'"]
+
+
+def test_ctl_scale_validates_like_the_workers_setting() -> None:
+    # Refused before any server is asked (there is none): a usage error, as for the rest.
+    assert errors(shardudp("ctl", "scale", "0")) == ["ctl scale: 0 is out of range [1, 1024]"]
+    assert errors(shardudp("ctl", "scale")) == [
+        "ctl scale: give the number of workers, e.g. `ctl scale 3`"]
+    assert errors(shardudp("ctl", "reload", "2")) == ["ctl reload: takes no argument"]
+
+
+APP_MODULE = """
+import os
+import sys
+from twisted.internet.protocol import DatagramProtocol
+
+print("importing", __name__)  # must not end up in --print-config's JSON
+
+class Proto(DatagramProtocol):
+    def __init__(self):
+        # A side effect check must never cause: it does not build the protocol.
+        open(os.environ["BUILT_MARKER"], "w").close()
+
+def broken():
+    raise RuntimeError("never called by check")
+
+NOT_CALLABLE = 3
+"""
+
+
+def test_check_imports_every_app_without_building_it_and_fails_as_run_does(
+        tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(APP_MODULE)
+    (tmp_path / "slowapp.py").write_text("import time\ntime.sleep(60)\n")
+    marker = tmp_path / "built"
+    env = {"BUILT_MARKER": str(marker)}
+
+    # From the current directory, as `run` imports it; the constructor never runs.
+    res = shardudp("check", "--print-config", "--bind", "127.0.0.1:9", "--bind",
+                   "127.0.0.1:10", "--app", "myapp:Proto", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["listener"]) == 2
+    assert "importing myapp" in res.stderr
+    res = shardudp("check", "myapp:broken", "--bind", "127.0.0.1:9", "--workers", "1",
+                   cwd=tmp_path, env=env)
+    assert (res.returncode, res.stdout) == (0, "config ok: 1 worker, 1 listener, APP "
+                                               "myapp:broken imports\n"), res.stderr
+    assert not marker.exists()
+
+    # What run refuses with exit 3, check refuses alike, in one line naming the APP.
+    for app, needle in [("nomod:Echo", "No module named 'nomod'"),
+                        ("myapp:Nope", "has no attribute 'Nope'"),
+                        ("myapp:NOT_CALLABLE", "neither a DatagramProtocol subclass nor"),
+                        ("apps:NotAProtocol", "not a DatagramProtocol subclass")]:
+        res = shardudp("check", app, "--bind", "127.0.0.1:9", "--workers", "1",
+                       cwd=tmp_path, env=env)
+        assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+        # (The module's own print goes to stderr too.)
+        (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("shardudp:")]
+        assert line.startswith(f"shardudp: error: APP {app!r} ") and needle in line, line
+        ran = run_cli("run", app, "--bind", "127.0.0.1:0", "--workers", "1",
+                      env=dict(child_env([tmp_path]), SHARDUDP_CONTROL="none", **env))
+        assert ran.returncode == 3 and needle in ran.stderr.splitlines()[-1], ran.stderr
+
+    # An import that never ends is bounded by the workers' own deadline.
+    res = shardudp("check", "slowapp:X", "--bind", "127.0.0.1:9", "--timeout", "0.5",
+                   cwd=tmp_path)
+    assert res.returncode == 3 and res.stderr == (
+        "shardudp: error: APP 'slowapp:X': still importing after 0.5 s (--timeout), when a "
+        "worker would be killed\n")
+
+
+def test_check_never_imports_twisted_itself() -> None:
+    """The APP is imported in a child: the checking process stays free of Twisted,
+    like the master, whose reactor every worker would inherit."""
+    code = ("import sys\nfrom shardudp import cli\n"
+            "rc = cli.main(['check', 'workers.echo:Echo', '--bind', '127.0.0.1:9'])\n"
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SHARDUDP_CONTROL="none")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, env=env, stdin=subprocess.DEVNULL)
+    assert res.stdout.splitlines()[-1] == "0 []", (res.stdout, res.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+def test_check_imports_the_app_as_the_workers_user(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "mine.py").write_text(APP_MODULE)
+    args = ["check", "mine:Proto", "--bind", "127.0.0.1:9"]
+    assert shardudp(*args, cwd=private).returncode == 0
+    res = shardudp(*args, "--user", "nobody", cwd=private)
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("shardudp: error: APP 'mine:Proto' ") and "mine" in line, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the CLI as another user")
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("key", ["user", "group"])
+def test_user_and_group_need_a_master_started_as_root(command: str, key: str) -> None:
+    # As nobody, still able to read the interpreter wherever it lives (under /root here).
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                 "--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
+    value = "nobody" if key == "user" else "nogroup"
+    res = shardudp(command, *ECHO, f"--{key}", value, prefix=as_nobody)
+    assert errors(res) == [f"--{key}: only a master started as root can run its workers as "
+                           "another user or group (this runs as uid 65534)"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root, a mistyped path used to be created")
+def test_run_creates_no_tree_for_a_mistyped_control_path() -> None:
+    top = Path("/nonexistent-shardudp-test")
+    assert not top.exists()
+    res = shardudp("run", *ECHO, "--control", str(top / "dir" / "c.sock"))
+    assert errors(res) == [f"--control: directory {top} does not exist"]
+    assert not top.exists()

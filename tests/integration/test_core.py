@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -196,25 +197,84 @@ BAD_APPS = {
 }
 
 
+def _apps_line(text: str) -> str:
+    """``path:line`` of the line of tests/apps.py holding ``text``."""
+    path = Path(apps.__file__)
+    lines = path.read_text().splitlines()
+    return f"{path}:{next(i for i, ln in enumerate(lines, 1) if text in ln)}"
+
+
 @pytest.mark.parametrize(("app", "needle"), [
-    ("no_such_module:Echo", "cannot import 'no_such_module'"),
-    ("raise_at_import:P", "RuntimeError: settings.ini is missing"),
-    ("exit_at_import:P", "SystemExit: no licence key"),
-    ("interrupt_at_import:P", "cannot import 'interrupt_at_import'"),
-    ("apps:Nope", "has no attribute 'Nope'"),
-    ("apps:broken_factory", "raised while being built: RuntimeError: the database is down"),
-    ("apps:NotAProtocol", "not a DatagramProtocol subclass"),
+    ("no_such_module:Echo",
+     "failed in import: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("raise_at_import:P",
+     "failed in import at {tmp}/raise_at_import.py:1: RuntimeError: settings.ini is missing"),
+    ("exit_at_import:P",
+     "failed in import at {tmp}/exit_at_import.py:2: SystemExit: no licence key"),
+    ("interrupt_at_import:P",
+     "failed in import at {tmp}/interrupt_at_import.py:1: KeyboardInterrupt"),
+    ("apps:Nope", "names nothing: module 'apps' has no attribute 'Nope'"),
+    ("apps:broken_factory", "failed in build at "
+     f"{_apps_line('the database is down')}: RuntimeError: the database is down"),
+    ("apps:NotAProtocol", "is a class but not a DatagramProtocol subclass"),
+    ("apps:RaiseInStartProtocol", "failed in startProtocol at "
+     f"{_apps_line('boom in startProtocol')}: RuntimeError: boom in startProtocol"),
 ])
-def test_boot_failures_halt_with_exit_code_3_and_one_clear_line(tmp_path: Path, app: str,
-                                                                needle: str) -> None:
+def test_boot_failures_halt_with_exit_code_3_and_one_line_naming_app_listener_and_place(
+        tmp_path: Path, app: str, needle: str) -> None:
     for name, code in BAD_APPS.items():
         (tmp_path / f"{name}.py").write_text(code)
-    res = run_cli("run", app, "--bind", f"127.0.0.1:{free_port()}", "--workers", "2",
+    port = free_port()
+    res = run_cli("run", app, "--bind", f"127.0.0.1:{port}", "--workers", "2",
                   env=child_env([tmp_path]))
+    needle = f"APP {app!r} (listener udp-127.0.0.1:{port}) " + needle.format(tmp=tmp_path)
     _assert_clean_error(res, 3, needle)
     out = (res.stdout + res.stderr).splitlines()
     assert len([ln for ln in out if needle in ln]) == 1, "\n".join(out)
     assert "Broken pipe" not in res.stderr
+
+
+def test_an_app_exiting_by_itself_while_booting_halts_with_exit_code_3() -> None:
+    res = run_cli("run", "apps:ExitInStartProtocol", "--bind", f"127.0.0.1:{free_port()}",
+                  "--workers", "2", timeout=20)
+    needle = "exited with status 7 while booting the APP"
+    _assert_clean_error(res, 3, needle)
+    (line,) = [ln for ln in res.stderr.splitlines() if needle in ln]
+    assert re.fullmatch(rf"shardudp: error: worker slot=[01] {needle}", line)
+
+
+@pytest.mark.parametrize(("app", "needle"), [
+    ("apps:HugeBootError", "RuntimeError: bad config value: xxx"),
+    ("apps:SurrogateBootError", "RuntimeError: cannot read /etc/caf\\udce9.conf"),
+])
+def test_a_huge_or_undecodable_boot_error_still_halts_with_one_line(app: str,
+                                                                   needle: str) -> None:
+    res = run_cli("run", app, "--bind", f"127.0.0.1:{free_port()}", "--workers", "1",
+                  timeout=20)
+    _assert_clean_error(res, 3, needle)
+    (line,) = [ln for ln in res.stderr.splitlines() if needle in ln]
+    assert len(line) < 5000
+    if app == "apps:HugeBootError":  # the end of the message survives the cut too
+        assert "characters cut" in line and line.endswith(" (the end)")
+
+
+def test_a_log_record_that_is_not_utf8_arrives_escaped() -> None:
+    with serving("apps:SurrogateLog", workers=1) as (srv, _port):
+        pid = srv.ready_pids()[0]
+        srv.wait_line(rf"\[{pid}\] \[0\] WARNING apps: file name caf\\udce9$")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run workers as nobody")
+def test_an_app_the_worker_user_cannot_read_gets_the_user_hint(tmp_path: Path) -> None:
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "hidden_app.py").write_text(BAD_APPS["raise_at_import"])
+    res = run_cli("run", "hidden_app:P", "--bind", f"127.0.0.1:{free_port()}",
+                  "--workers", "1", "--user", "nobody", "--control", "none",
+                  env=child_env([hidden]))
+    _assert_clean_error(res, 3, "ModuleNotFoundError: No module named 'hidden_app' (the "
+                                "worker runs as uid 65534: are the Python installation and "
+                                "the APP readable by that user?)")
 
 
 def test_boot_failure_with_a_log_file_names_the_cause_once_there_and_once_on_stderr(
@@ -456,15 +516,95 @@ def test_out_of_file_descriptors_on_scale_up_is_one_line_and_the_server_carries_
         assert len(failures) == 1, failures
 
 
-def test_too_few_file_descriptors_for_the_sockets_at_startup_is_one_clear_line() -> None:
+def test_too_low_a_file_descriptor_limit_is_refused_at_startup_in_one_line() -> None:
     def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    # 16 sockets cannot fit under 12 fds, whatever else the master holds.
+    # 100 slots: 100 sockets and 200 pipe ends cannot fit under 256 fds.
     res = run_cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
-                  "--workers", "16", "--control", "none", preexec_fn=low_limit)
-    _assert_clean_error(res, 1, "Too many open files")
-    assert len([ln for ln in res.stderr.splitlines() if "Too many open files" in ln]) == 1
+                  "--workers", "100", preexec_fn=low_limit)
+    _assert_clean_error(res, 2, "the limit is 256")
+    assert re.fullmatch(r"shardudp: error: --workers: 100 workers need about (\d+) file "
+                        r"descriptors, but the limit is 256: raise it \(`ulimit -n \1` in the "
+                        r"shell, LimitNOFILE=\1 under systemd\) or run fewer workers",
+                        res.stderr.strip()), res.stderr
+    assert res.stdout == ""
+
+
+def test_the_soft_file_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 256:
+        pytest.skip(f"hard fd limit {hard} leaves nothing to raise to")
+    # A soft limit of 64 is below what 2 workers are estimated to need.
+    srv = Server(["run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
+                  "--workers", "2"], prefix=["prlimit", f"--nofile=64:{hard}"])
+    try:
+        srv.wait_line(r"all 2 workers ready")
+        assert resource.prlimit(srv.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        srv.stop()
+
+
+def _limit_leaving(pid: int, free: int) -> int:
+    """The RLIMIT_NOFILE under which process ``pid`` has exactly ``free`` fd numbers unused."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    unused = [n for n in range(len(used) + free) if n not in used][:free]
+    return unused[-1] + 1
+
+
+def test_a_worker_that_cannot_start_says_so_in_one_line_not_a_traceback() -> None:
+    with serving("apps:WhoAmI", workers=1) as (srv, _port):
+        srv.ready_pids()
+        soft, hard = resource.prlimit(srv.pid, resource.RLIMIT_NOFILE)
+        # Room for the new slot's socket and the worker's pipes, so the fork
+        # succeeds, and none for the worker to import its own code.
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (_limit_leaving(srv.pid, 5), hard))
+        mark = srv.mark()
+        srv.signal(signal.SIGTTIN)
+        srv.wait_line(r"^shardudp: worker slot=1 crashed: \w+: .*Too many open files", start=mark)
+        srv.wait_line(r"worker slot=1 pid=\d+ exited with code 1; restarting", start=mark)
+        resource.prlimit(srv.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        srv.wait_line(r"worker slot=1 pid=\d+ ready", start=mark, timeout=20)
+        assert "Traceback" not in srv.log
+
+
+def test_a_bad_frame_read_after_the_worker_was_reaped_signals_no_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardudp import config, master, supervision, wire
+
+    cfg = config.build(cli={"app": "workers.echo:Echo", "bind": ["127.0.0.1:9"], "workers": 1})
+    m = master.Master(cfg)
+    m.sup = supervision.Supervisor(1, supervision.Policy(10.0, 5.0, 8.0), 0.0)
+    actions: list[supervision.Action] = []
+    m.hooks.append(actions.append)
+
+    def no_fork(slot: int, incarnation: int) -> int:
+        raise OSError(errno.EAGAIN, "not in this test")
+
+    monkeypatch.setattr(m, "_fork", no_fork)
+    (spawn,) = m.sup.start()
+    assert isinstance(spawn, supervision.Spawn)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child writes a corrupt frame and leaves
+        os.write(w, b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")
+        os._exit(0)
+    os.close(w)
+    m.children[pid] = master.Child(pid, 0, spawn.incarnation, r, -1, wire.Decoder())
+    m.apply(m.sup.spawned(0, spawn.incarnation, pid, 0.0))
+    # A zombie now, its frame still unread: the master reaps it, then drains the pipe.
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    signals: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda p, sig: signals.append((p, sig)))
+    try:
+        m._reap()
+    finally:
+        m.selector.close()
+        m._wake_r.close()
+        m._wake_w.close()
+    assert supervision.Kill(pid, "TERM") in actions  # the bad frame asked for it...
+    assert signals == []  # ...and nobody got it
+    assert [a.reason for a in actions if isinstance(a, supervision.Retired)] == ["wire"]
 
 
 def test_prints_from_workers_arrive_as_whole_lines() -> None:

@@ -21,8 +21,29 @@ from shardudp.sockets import shard_of
 ADDR = "fd00:5d::1"  # a private address inside our own namespace only
 GROUP = "ff15::4242"
 
-SENDER = r"""
-import json, select, socket, struct, sys, time
+# Shared by the scripts below, which run inside the namespace.
+_RECEIVE = r"""
+import select, time
+
+# [reply, receiving port] until `want` replies or 10 s, then 0.5 s more in
+# which duplicates or extra copies would show.
+def receive(socks, want):
+    out = []
+    for enough, within in ((want, 10.0), (None, 0.5)):
+        deadline = time.monotonic() + within
+        while (enough is None or len(out) < enough) and time.monotonic() < deadline:
+            r, _, _ = select.select(socks, [], [], 0.1)
+            for s in r:
+                for _ in range(100):
+                    try:
+                        out.append([s.recv(100).decode(), s.getsockname()[1]])
+                    except BlockingIOError:
+                        break
+    return out
+"""
+
+SENDER = _RECEIVE + r"""
+import json, socket, sys
 group, port, ifname, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 idx = socket.if_nametoindex(ifname)
 socks = []
@@ -35,25 +56,7 @@ for _ in range(12):
     socks.append(s)
 for i in range(n):
     socks[i % len(socks)].sendto(b"v6-%04d" % i, (group, port))
-replies = []
-deadline = time.monotonic() + 10
-while len(replies) < n and time.monotonic() < deadline:
-    r, _, _ = select.select(socks, [], [], 0.5)
-    for s in r:
-        for _ in range(100):
-            try:
-                replies.append([s.recv(100).decode(), s.getsockname()[1]])
-            except BlockingIOError:
-                break
-deadline = time.monotonic() + 0.5
-while time.monotonic() < deadline:  # a window in which duplicates would show
-    r, _, _ = select.select(socks, [], [], 0.1)
-    for s in r:
-        try:
-            replies.append([s.recv(100).decode(), s.getsockname()[1]])
-        except BlockingIOError:
-            pass
-print(json.dumps(replies))
+print(json.dumps(receive(socks, n)))
 """
 
 
@@ -111,8 +114,8 @@ def test_ipv6_multicast_in_a_namespace(netns: str, mode: str, copies: int) -> No
 
 # -- IPv4 in the namespace -----------------------------------------------------
 
-SENDER4 = r"""
-import json, select, socket, sys, time
+SENDER4 = _RECEIVE + r"""
+import json, socket, sys
 plan, want = json.loads(sys.argv[1]), int(sys.argv[2])
 joined = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # another process's membership
 for group in json.loads(sys.argv[3]):
@@ -130,25 +133,7 @@ for host, port, n, tag in plan:
     for k in range(n):
         socks[i % len(socks)].sendto(b"%s-%04d" % (tag.encode(), k), (host, port))
         i += 1
-replies = []
-deadline = time.monotonic() + 10
-while len(replies) < want and time.monotonic() < deadline:
-    r, _, _ = select.select(socks, [], [], 0.2)
-    for s in r:
-        for _ in range(100):
-            try:
-                replies.append(s.recv(100).decode())
-            except BlockingIOError:
-                break
-deadline = time.monotonic() + 0.5
-while time.monotonic() < deadline:  # a window in which extra copies would show
-    r, _, _ = select.select(socks, [], [], 0.1)
-    for s in r:
-        try:
-            replies.append(s.recv(100).decode())
-        except BlockingIOError:
-            pass
-print(json.dumps(replies))
+print(json.dumps([reply for reply, _ in receive(socks, want)]))
 """
 
 
@@ -256,5 +241,58 @@ def test_seed_join_without_interface_stays_on_the_listeners_interface(
         # READY comes after startProtocol, where the seed joins.
         srv.wait_line("all 2 workers ready", timeout=20)
         assert _igmp_devices(netns, "228.0.0.5") == {"lo"}
+    finally:
+        srv.stop()
+
+
+# -- IPv6 wildcard listeners ---------------------------------------------------
+
+ASK = r"""
+import json, socket, sys
+answers = {}
+for host, port in json.loads(sys.argv[1]):
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.connect((host, port))
+        s.send(b"ping")
+        try:
+            answers[f"{host} {port}"] = s.recv(100).decode()
+        except ConnectionRefusedError:  # the kernel's port unreachable: nobody listens
+            answers[f"{host} {port}"] = "refused"
+print(json.dumps(answers))
+"""
+
+
+def test_an_ipv6_wildcard_listener_takes_no_ipv4_traffic(netns: str, tmp_path: Path) -> None:
+    """[::]:P is IPv6 only (IPV6_V6ONLY), whatever net.ipv6.bindv6only says,
+    so it never overlaps an IPv4 listener; 0.0.0.0:P plus [::]:P serves both."""
+    cfg = tmp_path / "shardudp.toml"
+    cfg.write_text("""
+workers = 2
+[[listener]]
+name = "six-only"
+bind = "[::]:5000"
+app = "apps:Upper"
+[[listener]]
+name = "four"
+bind = "0.0.0.0:5001"
+app = "apps:WhoAmI"
+[[listener]]
+name = "six"
+bind = "[::]:5001"
+app = "apps:Upper"
+""")
+    prefix = ["ip", "netns", "exec", netns]
+    srv = Server(["run", "--config", str(cfg)], prefix=prefix)
+    try:
+        pids = {str(pid) for pid in srv.ready_pids(count=2, timeout=20).values()}
+        plan = [("127.0.0.1", 5000), ("::1", 5000), ("127.0.0.1", 5001), ("::1", 5001)]
+        out = subprocess.run([*prefix, sys.executable, "-c", ASK, json.dumps(plan)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        answers = json.loads(out.stdout)
+        pid, _, payload = answers.pop("127.0.0.1 5001").partition(":")
+        assert pid in pids and payload == "ping"  # WhoAmI: the IPv4 listener
+        assert answers == {"127.0.0.1 5000": "refused", "::1 5000": "PING", "::1 5001": "PING"}
     finally:
         srv.stop()

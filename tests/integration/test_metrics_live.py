@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
-import pytest
-from harness import Flows, Server, ctl, free_port, serving
+from harness import Flows, McastSenders, Server, ctl, free_port, serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardudp.sockets import shard_of
@@ -184,32 +184,45 @@ def test_every_counter_series_never_decreases_across_two_kill_9s() -> None:
         assert len(replies) - 2 * 0.5 * rate <= received <= sent
 
 
+def flows_served_by(flows: Flows, pid: int) -> list[int]:
+    """The flows the kernel hashes to worker ``pid`` (of an APP answering ``PID:...``)."""
+    owner = {}
+    for i in range(len(flows.socks)):  # one at a time: the tiny buffers must not drop these
+        flows.send(i, b"who")
+        ((flow, data),) = flows.collect(1, 5)
+        owner[flow] = int(data.split(b":")[0])
+    mine = [i for i, p in owner.items() if p == pid]
+    assert mine, f"no flow hashed to worker {pid}"
+    return mine
+
+
+@contextlib.contextmanager
+def stopped_and_flooded(pid: int, flows: Flows, mine: list[int], rounds: int) -> Iterator[int]:
+    """SIGSTOP worker ``pid`` and send ``rounds`` datagrams on each flow of ``mine``,
+    so its socket overflows; yields how many were sent; SIGCONT on the way out."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(rounds):
+            for i in mine:
+                flows.send(i, b"f" * 200)
+        yield rounds * len(mine)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_kernel_drops_of_a_stopped_worker_only() -> None:
     extra = [*FAST, "--rcvbuf", "4096", "--timeout", "60"]
     with serving("apps:WhoAmI", workers=2, extra=extra) as (srv, port), Flows(40, port) as flows:
         mport = metrics_port(srv)
-        slots = srv.ready_pids(count=2)
-        owner = {}
-        for i in range(40):  # one at a time: the tiny buffers must not drop these
-            flows.send(i, b"who")
-            ((flow, data),) = flows.collect(1, 5)
-            owner[flow] = int(data.split(b":")[0])
-        victim_slot, victim = next(iter(slots.items()))
-        mine = [i for i, pid in owner.items() if pid == victim]
-        assert mine, "no flow hashed to the victim"
-        os.kill(victim, signal.SIGSTOP)
-        try:
-            for _ in range(400):
-                for i in mine:
-                    flows.send(i, b"f" * 200)
+        victim_slot, victim = next(iter(srv.ready_pids(count=2).items()))
+        mine = flows_served_by(flows, victim)
+        with stopped_and_flooded(victim, flows, mine, rounds=400):
             drops = wait_metric(mport, lambda ms: by_slot(
                 ms, "shardudp_socket_drops_total").get(str(victim_slot), 0) > 0)
             others = {s: v for s, v in by_slot(drops, "shardudp_socket_drops_total").items()
                       if s != str(victim_slot)}
             assert set(others.values()) == {0.0}
             assert by_slot(drops, "shardudp_socket_receive_buffer_bytes")[str(victim_slot)] > 0
-        finally:
-            os.kill(victim, signal.SIGCONT)
         flows.collect(10**6, 1.0)  # the queued backlog being answered
         flows.send(mine[0], b"back")
         replies = [d for _, d in flows.collect(1, 5)]
@@ -226,50 +239,6 @@ def test_handler_errors_are_counted_and_the_worker_keeps_serving() -> None:
         final = wait_metric(mport, lambda ms: by_slot(
             ms, "shardudp_handler_errors_total", error="value").get("0") == 5)
         assert by_slot(final, "shardudp_handler_errors_total", error="other") == {"0": 0.0}
-
-
-def healthz(port: int) -> int:
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def test_healthz_follows_ready_workers(tmp_path) -> None:
-    gate = tmp_path / "slow"
-    with serving("apps:SlowStart", workers=2, extra=FAST,
-                 env={"SLOW_START_FILE": str(gate)}) as (srv, _port):
-        mport = metrics_port(srv)
-        assert healthz(mport) == 200
-        gate.touch()
-        victim = next(iter(srv.ready_pids(count=1).values()))
-        mark = srv.mark()
-        os.kill(victim, signal.SIGKILL)
-        srv.wait_line("restarting", start=mark)
-        deadline = time.monotonic() + 5
-        while healthz(mport) != 503 and time.monotonic() < deadline:
-            time.sleep(0.05)  # scrape pacing
-        assert healthz(mport) == 503
-        gate.unlink()
-        srv.ready_pids(start=mark)
-        deadline = time.monotonic() + 5
-        while healthz(mport) != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert healthz(mport) == 200
-
-
-@pytest.mark.parametrize("interval", ["0"])
-def test_metrics_off_still_serves(interval: str) -> None:
-    with serving("workers.echo:Echo", workers=1,
-                 extra=["--metrics", "127.0.0.1:0", "--metrics-interval", interval]) as \
-            (srv, port), Flows(1, port) as flows:
-        mport = metrics_port(srv)
-        flows.send(0, b"x")
-        assert flows.collect(1, 5)
-        m = scrape(mport)
-        assert "shardudp_datagrams_received_total" not in m or \
-            sum(by_slot(m, "shardudp_datagrams_received_total").values()) == 0
-        assert m["shardudp_worker_up"]
 
 
 def health(port: int) -> tuple[int, str]:
@@ -291,17 +260,66 @@ def wait_health(port: int, status: int, timeout: float = 10.0) -> str:
         time.sleep(0.05)  # scrape pacing; the event is the status changing
 
 
+def test_healthz_follows_ready_workers(tmp_path) -> None:
+    gate = tmp_path / "slow"
+    with serving("apps:SlowStart", workers=2, extra=FAST,
+                 env={"SLOW_START_FILE": str(gate)}) as (srv, _port):
+        mport = metrics_port(srv)
+        assert wait_health(mport, 200) == "ok\n"
+        gate.touch()
+        slot, victim = next(iter(srv.ready_pids(count=1).items()))
+        mark = srv.mark()
+        os.kill(victim, signal.SIGKILL)
+        srv.wait_line("restarting", start=mark)
+        # The replacement is held in startProtocol by the gate.
+        assert wait_health(mport, 503) == f"slots not ready: {slot}\n"
+        gate.unlink()
+        srv.ready_pids(start=mark)
+        assert wait_health(mport, 200) == "ok\n"
+
+
+def test_with_counting_off_traffic_reads_as_unknown_not_as_zero() -> None:
+    with serving("workers.echo:Echo", workers=1,
+                 extra=["--metrics", "127.0.0.1:0", "--metrics-interval", "0"]) as \
+            (srv, port), Flows(1, port) as flows:
+        mport = metrics_port(srv)
+        flows.send(0, b"x")
+        assert flows.collect(1, 5)
+        m = scrape(mport)
+        # No traffic or handler series at all: zeros would say "no traffic".
+        assert not {name for name in m if name.startswith(
+            ("shardudp_datagrams_", "shardudp_bytes_", "shardudp_send_errors",
+             "shardudp_handler_"))}, sorted(m)
+        # What the master knows by itself is still there.
+        for name in ("shardudp_socket_drops_total", "shardudp_socket_receive_queue_bytes",
+                     "shardudp_worker_up", "shardudp_worker_restarts_total",
+                     "shardudp_process_cpu_seconds_total", "shardudp_build_info"):
+            assert m.get(name), name
+        st = json.loads(ctl(srv, "status", "--json").stdout)
+        assert st["counting"] is False
+        assert [(s["rx"], s["tx"], s["rx_rate"]) for s in st["slots"]] == [(None, None, None)]
+        _head, columns, row, *rest = ctl(srv, "status").stdout.splitlines()
+        cells = dict(zip(columns.split(), row.split(), strict=False))
+        assert (cells["RECEIVED"], cells["SENT"], cells["RATE/s"], cells["DROPS"]) == (
+            "-", "-", "-", "0"), row
+        assert rest[-1] == "traffic is not counted (metrics_interval is 0)", rest
+
+
 def test_healthz_fails_while_a_worker_is_stopped_and_recovers_on_cont() -> None:
     with serving("workers.echo:Echo", workers=2, extra=FAST) as (srv, port), \
             Flows(1, port) as flows:
         mport = metrics_port(srv)
-        assert health(mport)[0] == 200
+        assert wait_health(mport, 200) == "ok\n"
         slot, victim = next(iter(srv.ready_pids(count=1).items()))
         mark = srv.mark()
         os.kill(victim, signal.SIGSTOP)
         try:
             # Well before --timeout (30 s) would have it killed.
             assert wait_health(mport, 503) == f"slots not responding: {slot}\n"
+            # status says why, not "not ready" next to a slot whose state is "ready".
+            head = ctl(srv, "status").stdout.splitlines()[0]
+            assert re.search(rf", 2 workers, UNHEALTHY \(slot {slot} silent for "
+                             r"\d+\.\ds\)$", head), head
         finally:
             os.kill(victim, signal.SIGCONT)
         assert wait_health(mport, 200) == "ok\n"
@@ -334,20 +352,6 @@ def test_scaled_down_slots_keep_their_counters_and_lose_their_gauges() -> None:
 GROUP = "239.255.42.98"
 
 
-def _mcast_senders(n: int) -> list[socket.socket]:
-    """Loopback-only multicast senders, each its own source port."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        s.setblocking(False)
-        socks.append(s)
-    return socks
-
-
 def _drops(m: dict[str, dict], listener: str) -> dict[str, float]:
     return by_slot(m, "shardudp_socket_drops_total", listener=listener)
 
@@ -357,16 +361,14 @@ def test_shard_filter_refusals_are_not_drops_and_overflow_is_exact() -> None:
     srv = Server(["run", "apps:WhoAmI", "--multicast", f"{GROUP}:{port}", "--name", "mc",
                   "--multicast-mode", "shard", "--multicast-interface", "127.0.0.1",
                   "--workers", "3", "--rcvbuf", "4096", "--timeout", "60", *FAST])
-    socks = _mcast_senders(30)
-    flows = Flows(0, 0)
-    flows.socks = socks
+    senders = McastSenders(30, GROUP, port)
     try:
         srv.wait_line("all 3 workers ready", timeout=20)
         mport = metrics_port(srv)
         slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
         for i in range(300):  # one at a time: the tiny buffers must not drop these
-            socks[i % 30].sendto(b"x", (GROUP, port))
-            assert len(flows.collect(1, 5)) == 1
+            senders.send(i % 30, b"x")
+            assert len(senders.collect(1, 5)) == 1
         m = wait_metric(mport, lambda ms: sum(
             by_slot(ms, "shardudp_datagrams_received_total").values()) == 300)
         # Each member refused 200 datagrams of other shards: no loss, no drops.
@@ -375,19 +377,13 @@ def test_shard_filter_refusals_are_not_drops_and_overflow_is_exact() -> None:
             {"0", "1", "2"}
 
         victim, victim_slot = next(iter(slot_of.items()))
-        mine = [s for s in socks if shard_of("127.0.0.1", s.getsockname()[1], 3) == victim_slot]
-        os.kill(victim, signal.SIGSTOP)
-        try:
-            for _ in range(100):
-                for s in mine:
-                    s.sendto(b"flood", (GROUP, port))
-            sent = 100 * len(mine)
+        mine = [i for i, s in enumerate(senders.socks)
+                if shard_of("127.0.0.1", s.getsockname()[1], 3) == victim_slot]
+        with stopped_and_flooded(victim, senders, mine, rounds=100) as sent:
             wait_metric(mport, lambda ms: _drops(ms, "mc")["shared"] > 0)
-        finally:
-            os.kill(victim, signal.SIGCONT)
         wait_metric(mport, lambda ms: by_slot(ms, "shardudp_socket_receive_queue_bytes",
                                               listener="mc")[str(victim_slot)] == 0)
-        handled = flows.collect(10**6, 0.5)  # the replies to what was queued
+        handled = senders.collect(10**6, 0.5)  # the replies to what was queued
         assert 0 < len(handled) < sent
         # Exactly what the stopped worker's full buffer could not take.
         final = wait_metric(mport, lambda ms: _drops(ms, "mc")["shared"] == sent - len(handled))
@@ -396,8 +392,7 @@ def test_shard_filter_refusals_are_not_drops_and_overflow_is_exact() -> None:
             (("listener", "mc"), ("slot", "shared"))]}
     finally:
         srv.stop()
-        for s in socks:
-            s.close()
+        senders.close()
 
 
 def test_slot_drops_never_decrease_across_scale_down_and_up() -> None:
@@ -405,21 +400,9 @@ def test_slot_drops_never_decrease_across_scale_down_and_up() -> None:
     with serving("apps:WhoAmI", workers=2, extra=extra) as (srv, port), Flows(40, port) as flows:
         mport = metrics_port(srv)
         victim = srv.ready_pids(count=2)[1]
-        owner = {}
-        for i in range(40):
-            flows.send(i, b"who")
-            ((flow, data),) = flows.collect(1, 5)
-            owner[flow] = int(data.split(b":")[0])
-        mine = [i for i, pid in owner.items() if pid == victim]
-        assert mine, "no flow hashed to slot 1"
-        os.kill(victim, signal.SIGSTOP)
-        try:
-            for _ in range(200):
-                for i in mine:
-                    flows.send(i, b"f" * 200)
+        mine = flows_served_by(flows, victim)
+        with stopped_and_flooded(victim, flows, mine, rounds=200):
             before = wait_metric(mport, lambda ms: _drops(ms, "u").get("1", 0) > 0)
-        finally:
-            os.kill(victim, signal.SIGCONT)
         dropped = _drops(before, "u")["1"]
         mark = srv.mark()
         assert ctl(srv, "scale", "1").returncode == 0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Flows, Server, free_port, serving, wait_pid_gone
+from harness import Flows, McastSenders, Server, free_port, serving, wait_pid_gone
 
 from shardudp.port import HAVE_C_BATCHIO
 from shardudp.sockets import shard_of
@@ -61,47 +61,10 @@ def three_modes(tmp_path: Path, app: str = "apps:Probe", settings: str = "",
     return srv, ports
 
 
-class McastSenders:
-    """Loopback-only multicast senders, each its own source port."""
-
-    def __init__(self, n: int) -> None:
-        self.socks = []
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("127.0.0.1", 0))
-            # Never leave the machine: send the group out of lo only.
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            s.setblocking(False)
-            self.socks.append(s)
-        self.flows = Flows(0, 0)
-        self.flows.socks = self.socks
-
-    def send_many(self, port: int, count: int, tag: bytes) -> None:
-        for i in range(count):
-            self.socks[i % len(self.socks)].sendto(b"%s-%04d" % (tag, i), (GROUP, port))
-            if i % 50 == 49:
-                time.sleep(0.005)  # pacing the sender, not synchronising
-
-    def replies(self, want: int, timeout: float) -> list[tuple[int, bytes]]:
-        """(pid, payload) of each reply."""
-        out = []
-        for _, data in self.flows.collect(want, timeout):
-            pid, _, payload = data.partition(b":")
-            out.append((int(pid), payload))
-        return out
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
-
-
 @pytest.fixture
 def senders():
-    s = McastSenders(30)
-    yield s
-    s.close()
+    with McastSenders(30, GROUP) as s:
+        yield s
 
 
 def _settle(s: McastSenders, timeout: float = 0.5) -> list[tuple[int, bytes]]:
@@ -117,23 +80,31 @@ def by_mode(got: list[tuple[int, bytes]]) -> dict[str, list[tuple[int, bytes]]]:
     return out
 
 
+def deliver_to_every_mode(senders: McastSenders, ports: dict[str, int], count: int,
+                          workers: set[int]) -> dict[str, list[tuple[int, bytes]]]:
+    """Send ``count`` datagrams to each mode's listener and check who handled them:
+    fanout every worker, single one worker, shard each once; the replies by mode."""
+    for mode in MODES:
+        senders.send_many((GROUP, ports[mode]), count, mode.encode() + b"-")
+    got = by_mode(senders.replies(5 * count, 15) + _settle(senders))
+    for mode, copies in (("fanout", 3), ("single", 1), ("shard", 1)):
+        counts = collections.Counter(p for _, p in got[mode])
+        assert counts == {b"%s-%06d" % (mode.encode(), i): copies for i in range(count)}, mode
+        pids = {pid for pid, _ in got[mode]}
+        assert len(pids) == 1 if mode == "single" else pids == workers, mode
+    return got
+
+
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_delivery_modes_on_every_datapath(datapath: str, senders: McastSenders,
                                           tmp_path: Path) -> None:
     srv, ports = three_modes(tmp_path, extra=("--datapath", datapath))
     try:
         slot_of = {pid: slot for slot, pid in srv.ready_pids(count=3).items()}
-        for mode in MODES:
-            senders.send_many(ports[mode], 100, mode.encode())
-        got = by_mode(senders.replies(500, 15) + _settle(senders))
-        for mode, copies in (("fanout", 3), ("single", 1), ("shard", 1)):
-            counts = collections.Counter(p for _, p in got[mode])
-            assert counts == {b"%s-%04d" % (mode.encode(), i): copies for i in range(100)}, mode
-            workers = {pid for pid, _ in got[mode]}
-            assert len(workers) == 1 if mode == "single" else workers == set(slot_of), mode
+        got = deliver_to_every_mode(senders, ports, 100, set(slot_of))
         # The kernel's BPF filter keeps exactly the shard we compute.
         for pid, payload in got["shard"]:
-            sport = senders.socks[int(payload[-4:]) % 30].getsockname()[1]
+            sport = senders.socks[int(payload[-6:]) % 30].getsockname()[1]
             assert shard_of("127.0.0.1", sport, 3) == slot_of[pid]
     finally:
         srv.stop()
@@ -147,7 +118,7 @@ def test_single_kill_9_of_the_leader_while_datagrams_are_queued(senders: McastSe
     srv, port = mcast_server("single", app="mcast_apps:Slow", env={"SLOW_MS": "10"},
                              extra=("--datapath", "python"))
     try:
-        senders.send_many(port, 60, b"q")
+        senders.send_many((GROUP, port), 60, b"q-")
         first = senders.replies(5, 10)
         (leader,) = {pid for pid, _ in first}
         mark = srv.mark()
@@ -156,7 +127,7 @@ def test_single_kill_9_of_the_leader_while_datagrams_are_queued(senders: McastSe
         got = first + senders.replies(60 - 5 - 1, 15) + _settle(senders)
         counts = collections.Counter(p for _, p in got)
         assert set(counts.values()) == {1}, "a datagram was handled twice"
-        lost = [i for i in range(60) if b"q-%04d" % i not in counts]
+        lost = [i for i in range(60) if b"q-%06d" % i not in counts]
         answered = sorted(int(p[2:]) for pid, p in got if pid == leader)
         # At most the datagram in the leader's hands, the one after its last reply.
         assert lost in ([], [answered[-1] + 1]), (lost, answered)
@@ -201,12 +172,32 @@ def test_listener_membership_belongs_to_the_master(senders: McastSenders,
                    f"--multicast listener for 239.255.42.7:{ports[mode]}").encode()
             assert {p for _, p in replies} == {msg}
         # The master's memberships are intact: every mode still delivers.
-        for mode in MODES:
-            senders.send_many(ports[mode], 60, mode.encode())
-        got = by_mode(senders.replies(300, 10) + _settle(senders))
-        for mode, copies in (("fanout", 3), ("single", 1), ("shard", 1)):
-            counts = collections.Counter(p for _, p in got[mode])
-            assert counts == {b"%s-%04d" % (mode.encode(), i): copies for i in range(60)}, mode
+        deliver_to_every_mode(senders, ports, 60, workers)
+    finally:
+        srv.stop()
+
+
+def test_a_new_single_mode_worker_takes_its_interface_from_the_config(
+    senders: McastSenders
+) -> None:
+    """Every worker of a single-mode listener shares one socket: whatever the
+    leader sets as outgoing interface is there when a new worker adopts it.
+    The new worker still knows the listener's own interface."""
+    srv, port = mcast_server("single", workers=2, app="mcast_apps:Member",
+                              env={"MEMBER_CLOBBER_IF": "0.0.0.0"})
+    try:
+        pids = set(srv.ready_pids(count=2).values())
+        leader = int(srv.wait_line(r"worker pid=(\d+) now reads single-mode")[0].group(1))
+        (standby,) = pids - {leader}
+        mark = srv.mark()
+        os.kill(standby, signal.SIGKILL)
+        (new,) = srv.ready_pids(start=mark).values()  # adopted while the leader clobbers
+        mark = srv.mark()
+        os.kill(leader, signal.SIGKILL)
+        srv.wait_line(rf"worker pid={new} now reads single-mode", start=mark)
+        for cmd in (b"join", b"leave"):
+            senders.socks[0].sendto(b"%s %s 127.0.0.1" % (cmd, GROUP.encode()), (GROUP, port))
+            assert senders.replies(1, 10) == [(new, cmd + b" ok")]
     finally:
         srv.stop()
 
@@ -356,6 +347,9 @@ def test_connect_on_a_sharded_listener_raises_and_it_keeps_serving() -> None:
         flows.send(0, b"connect")
         (reply,) = [d for _, d in flows.collect(1, 5)]
         assert reply.startswith(b"ShardedSocketError: ")
+        # What a user can do about it, not an internal API.
+        assert b"--bind HOST:0" in reply and b"reactor.listenUDP(0, proto)" in reply
+        assert b"adopt(" not in reply
         for i in range(40):
             flows.send(i, b"q")
         got = flows.collect(40, 5)

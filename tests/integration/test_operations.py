@@ -15,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import msgpack
 import pytest
-from harness import ROOT, Flows, Server, ctl, free_port, serving
-from test_multicast_connected import GROUP, McastSenders
+from harness import ROOT, Flows, McastSenders, Server, ctl, free_port, serving
+from test_multicast_connected import GROUP
 
 from shardudp import control, wire
 from shardudp.errors import StartupError
@@ -75,13 +77,10 @@ multicast_interface = "127.0.0.1"
                 b.send(0, b"hello")
                 assert [d for _, d in a.collect(1, 5)] == [b"hello"]
                 assert [d for _, d in b.collect(1, 5)] == [b"HELLO"]
-            senders = McastSenders(4)
-            try:
-                senders.send_many(p3, 8, b"m")
+            with McastSenders(4, GROUP, p3) as senders:
+                senders.send_many((GROUP, p3), 8, b"m")
                 got = senders.replies(8, 5)
-                assert sorted(p for _, p in got) == [b"m-%04d" % i for i in range(8)]
-            finally:
-                senders.close()
+                assert sorted(p for _, p in got) == [b"m%06d" % i for i in range(8)]
             srv.wait_line(r"listener upper: asked SO_RCVBUF 262144, the kernel gave \d+")
             return
         finally:
@@ -102,7 +101,7 @@ def test_check_reports_every_error_with_its_key_and_prints_effective_config(
                    "listener[0].multicast_mode: only valid on a multicast listener"):
         assert needle in res.stderr, res.stderr
     good = tmp_path / "good.toml"
-    good.write_text('workers = 2\n[[listener]]\napp = "a:B"\nbind = "127.0.0.1:5"\n')
+    good.write_text('workers = 2\n[[listener]]\napp = "apps:Upper"\nbind = "127.0.0.1:5"\n')
     res = _cli("check", "--config", str(good), "--print-config", "--workers", "3",
                env={"SHARDUDP_TIMEOUT": "7"})
     assert res.returncode == 0, res.stderr
@@ -122,6 +121,7 @@ def test_ctl_status_scale_reload_stop_lose_nothing() -> None:
         assert st["workers"] == 2 and st["healthy"] and len(st["slots"]) == 2
         human = ctl(srv, "status")
         assert "SLOT" in human.stdout and "ready" in human.stdout
+        assert ", 2 workers, healthy\n" in human.stdout, human.stdout
 
         results: list[subprocess.CompletedProcess[str]] = []
         mark = srv.mark()
@@ -131,12 +131,16 @@ def test_ctl_status_scale_reload_stop_lose_nothing() -> None:
             0.6: lambda: results.append(ctl(srv, "reload")),
         })
         assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+        assert [r.stdout for r in results] == ["scaling to 3 workers\n",
+                                               "scaling to 1 worker\n", "reloading\n"]
         assert len(replies) == sent
         srv.wait_line("scaling up from 2 to 3", start=mark)
         srv.wait_line("scaling down from 3 to 1", start=mark)
         srv.wait_line("reload complete", start=mark)
         st = json.loads(ctl(srv, "status", "--json").stdout)
         assert st["workers"] == 1 and [s["slot"] for s in st["slots"]] == [0]
+        assert ", 1 worker, healthy\n" in ctl(srv, "status").stdout
+        assert json.loads(ctl(srv, "scale", "1", "--json").stdout) == {"workers": 1}
 
         res = ctl(srv, "stop")
         assert res.returncode == 0 and "stopping" in res.stdout
@@ -236,10 +240,23 @@ def _pipeline(path: str) -> str:
 def test_ctl_errors_are_clear() -> None:
     with serving("workers.echo:Echo", workers=1) as (srv, _port):
         res = ctl(srv, "scale", "0")
-        assert res.returncode == 1 and "n must be between 1 and 1024" in res.stderr
+        assert (res.returncode, res.stderr) == (
+            2, "shardudp: error: ctl scale: 0 is out of range [1, 1024]\n")
+        # A client that skips the command line's check gets the same words from the server.
+        with pytest.raises(control.ControlError, match=r"^scale: 1025 is out of range"):
+            control.call(srv.control, {"cmd": "scale", "n": 1025})
     res = _cli("ctl", "--control", "/tmp/definitely-not-there.sock", "status")
-    assert res.returncode == 1 and "no shardudp is listening" in res.stderr
-    assert "Traceback" not in res.stderr
+    assert (res.returncode, res.stderr) == (
+        1, "shardudp: error: no shardudp is listening on /tmp/definitely-not-there.sock\n")
+
+
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code
 
 
 def test_sd_notify_ready_only_after_all_workers_ready(tmp_path: Path) -> None:
@@ -249,21 +266,39 @@ def test_sd_notify_ready_only_after_all_workers_ready(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(notify_path)
         port = free_port()
-        srv = Server(["run", "apps:SlowStart", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
+        srv = Server(["run", "apps:SlowStart", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                      "--metrics", "127.0.0.1:0"],
                      env={"NOTIFY_SOCKET": notify_path, "SLOW_START_FILE": str(gate)})
         try:
             srv.wait_line("starting 2 workers")
+            (m,) = srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+            mport = int(m.group(1))
             # Workers are held in startProtocol: nothing may arrive yet.
             r, _, _ = select.select([ns], [], [], 1.0)
             assert not r, ns.recv(100)
+            assert _healthz(mport) == 503
             gate.unlink()
             r, _, _ = select.select([ns], [], [], 10.0)
             assert r and ns.recv(100) == b"READY=1"
+            # The health view is published before READY=1 and the log line go out, so
+            # whoever acts on them finds /healthz at 200 at once: one probe, no retry.
+            assert _healthz(mport) == 200
             srv.wait_line("all 2 workers ready")
             assert len(srv.ready_pids(count=2)) == 2
+            # Again after a worker is replaced (both are edge-triggered).
+            mark = srv.mark()
+            os.kill(next(iter(srv.ready_pids(count=1).values())), signal.SIGKILL)
+            srv.wait_line("all 2 workers ready", start=mark)
+            assert _healthz(mport) == 200
             srv.signal(signal.SIGTERM)
-            r, _, _ = select.select([ns], [], [], 10.0)
-            assert r and ns.recv(100) == b"STOPPING=1"
+            got = []
+            for _ in range(4):  # READY=1 may have been repeated (systemd ignores that)
+                r, _, _ = select.select([ns], [], [], 10.0)
+                assert r, got
+                got.append(ns.recv(100))
+                if got[-1] == b"STOPPING=1":
+                    break
+            assert got[-1] == b"STOPPING=1" and set(got[:-1]) <= {b"READY=1"}, got
             assert srv.wait_exit(10) == 0
         finally:
             srv.stop()
@@ -431,6 +466,22 @@ def test_own_control_directory_is_created_private_and_refused_if_not(
     named = control.ControlServer(str(tmp_path / "named.sock"), lambda req: None, sel)
     assert stat.S_IMODE(os.stat(named.path).st_mode) == 0o600
     named.close()
+    # The socket's own directory is made (a container's fresh /tmp), never its parents:
+    # as root, a mistyped path would otherwise grow a tree anywhere.
+    fresh = control.ControlServer(str(tmp_path / "fresh" / "c.sock"), lambda req: None, sel)
+    fresh.close()
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o700
+    typo = tmp_path / "typo" / "dir"
+    with pytest.raises(StartupError, match=f"control socket directory {typo}: its parent "
+                                           f"{typo.parent} does not exist; create it, or pass "
+                                           "--control PATH"):
+        control.ControlServer(str(typo / "c.sock"), lambda req: None, sel)
+    assert not typo.parent.exists()
+    # Longer than sun_path: a real reason, not "None" (check refuses it before this).
+    long_path = str(tmp_path / ("x" * (control.MAX_PATH + 1)))
+    with pytest.raises(StartupError, match=f"cannot bind control socket {long_path}: "
+                                           "AF_UNIX path too long"):
+        control.ControlServer(long_path, lambda req: None, sel)
     sel.close()
 
 
@@ -555,3 +606,18 @@ def test_servers_started_together_on_one_pid_file_leave_one_running(tmp_path: Pa
     finally:
         for srv in servers:
             srv.stop()
+
+
+def test_the_systemd_units_reload_is_a_rolling_restart() -> None:
+    """`systemctl reload shardudp` runs the unit's ExecReload with $MAINPID set."""
+    unit = (ROOT / "deploy" / "systemd" / "shardudp.service").read_text()
+    (reload_line,) = [ln for ln in unit.splitlines() if ln.startswith("ExecReload=")]
+    with serving("workers.echo:Echo", workers=2) as (srv, _port):
+        old = srv.ready_pids(count=2)
+        mark = srv.mark()
+        argv = [a.replace("$MAINPID", str(srv.pid))
+                for a in reload_line.removeprefix("ExecReload=").split()]
+        assert subprocess.run(argv, timeout=10).returncode == 0
+        srv.wait_line("reload complete", start=mark)
+        new = srv.ready_pids(start=mark, count=2)
+        assert set(new) == set(old) and not set(new.values()) & set(old.values())

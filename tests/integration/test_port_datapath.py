@@ -913,3 +913,36 @@ def test_writes_from_a_flush_error_callback_never_overflow_the_send_queue() -> N
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"refilled after [{errno.ENETUNREACH}]" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_stop_listening_completes_and_closes_everything_when_stop_protocol_exits(
+    h: Harness, datapath: str, exc_type: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """stopProtocol may raise what ``except Exception`` misses (sys.exit() in
+    the APP, a ^C): the port still closes, the C engine included, and
+    stopListening's Deferred still fires."""
+    caplog.set_level(logging.ERROR, logger="shardudp.port")
+
+    class Exits(Recorder):
+        def stopProtocol(self) -> None:
+            super().stopProtocol()
+            raise exc_type("leaving from stopProtocol")
+
+    before = _open_fd_count()
+    proto = Exits()
+    port, _ = h.serve(datapath, proto)
+    fired: list[Any] = []
+    port.stopListening().addBoth(fired.append)
+    h.spin(lambda: bool(fired), "stopListening's Deferred")
+    assert fired == [None]
+    assert proto.stopped == 1
+    # Only the master's socket is left: no dup of the port or its engine.
+    assert _open_fd_count() - before == 1
+    (record,) = [r for r in caplog.records if "leaving from stopProtocol" in r.getMessage()]
+    assert exc_type.__name__ in record.getMessage()

@@ -263,7 +263,7 @@ def test_multicast_only_settings_are_refused_where_meaningless(text: str, needle
          ["listeners 'udp-0.0.0.0:5' (0.0.0.0:5) and 'mcast-228.0.0.1:5' (228.0.0.1:5) "
           "overlap: 0.0.0.0:5 covers 228.0.0.1:5; use distinct ports"]),
         ({"cli": {"app": "a:B", "bind": ["[::1]:5", "[::]:5"]}},
-         ["listeners 'udp-::1:5' ([::1]:5) and 'udp-:::5' ([::]:5) overlap: [::]:5 covers "
+         ["listeners 'udp-[::1]:5' ([::1]:5) and 'udp-[::]:5' ([::]:5) overlap: [::]:5 covers "
           "[::1]:5; use distinct ports"]),
         # A file declares its listeners one way.
         ({"file_text": 'app="a:B"\nbind="127.0.0.1:1"\n[[listener]]\nbind="127.0.0.1:2"'},
@@ -278,6 +278,26 @@ def test_multicast_only_settings_are_refused_where_meaningless(text: str, needle
           "environ": {"SHARDUDP_MULTICAST": "228.0.0.1:5"}},
          ["SHARDUDP_MULTICAST 228.0.0.1:5: no APP: give MODULE:ATTR as `shardudp run APP` or "
           "--app (a listener given here replaces the file's [[listener]] tables)"]),
+        # A bad APP is one error, named as it was given, not a second "no APP" too.
+        ({"cli": {"app": "workers.echo", "bind": ["127.0.0.1:1"]}, "cli_labels": {"app": "APP"}},
+         ["APP: expected MODULE:ATTR (e.g. workers.echo:Echo), got 'workers.echo'"]),
+        ({"file_text": 'app = "x"\n[[listener]]\nbind = "127.0.0.1:1"'},
+         ["app: expected MODULE:ATTR (e.g. workers.echo:Echo), got 'x'"]),
+        # Multicast settings from the command line or the environment need a multicast
+        # listener, as in a listener table.
+        ({"cli": {"app": "a:B", "bind": ["127.0.0.1:1"], "multicast_ttl": "4"}},
+         ["--multicast-ttl: only valid with a multicast listener, and there is none (add "
+          "--multicast GROUP:PORT)"]),
+        ({"cli": {"app": "a:B", "bind": ["127.0.0.1:1"], "multicast_loopback": False}},
+         ["--multicast-loopback: only valid with a multicast listener, and there is none (add "
+          "--multicast GROUP:PORT)"]),
+        ({"file_text": '[[listener]]\napp="a:B"\nbind="127.0.0.1:1"',
+          "environ": {"SHARDUDP_MULTICAST_MODE": "single"},
+          "cli": {"multicast_interface": "127.0.0.1"}},
+         ["SHARDUDP_MULTICAST_MODE: only valid with a multicast listener, and there is none "
+          "(add --multicast GROUP:PORT)",
+          "--multicast-interface: only valid with a multicast listener, and there is none "
+          "(add --multicast GROUP:PORT)"]),
         # A bad --bind does not fall back to the file's listeners (and their errors).
         ({"file_text": '[[listener]]\nbind="x"', "cli": {"app": "a:B", "bind": ["y"]}},
          ["--bind: expected HOST:PORT or [IPV6]:PORT, got 'y'"]),
@@ -320,7 +340,7 @@ def test_the_config_remembers_where_each_value_came_from() -> None:
 
 def test_lookup_merges_one_setting_without_needing_a_listener() -> None:
     text = 'control = "/from/file.sock"\nworkers = 0\n'
-    assert config.lookup("control") == ("auto", "control")
+    assert config.lookup("control") == ("auto", None)
     assert config.lookup("control", file_text=text) == ("/from/file.sock", "control")
     env = {"SHARDUDP_CONTROL": "/from/env.sock", "SHARDUDP_WORKERS": "x"}
     assert config.lookup("control", file_text=text, environ=env) == (
@@ -336,3 +356,22 @@ def test_an_empty_listener_variable_replaces_nothing() -> None:
     text = '[[listener]]\napp = "a:B"\nbind = "127.0.0.1:1"\n'
     cfg = build(file_text=text, environ={"SHARDUDP_BIND": ""})
     assert [str(x.address) for x in cfg.listeners] == ["127.0.0.1:1"]
+
+
+def test_multicast_defaults_are_fine_where_a_multicast_listener_takes_them() -> None:
+    # On the command line next to one, or at the top of a file (a default for its listeners).
+    cfg = build(cli={"app": "a:B", "bind": ["127.0.0.1:1"], "multicast": ["228.0.0.1:5"],
+                     "multicast_ttl": "4"})
+    assert [x.multicast_ttl for x in cfg.listeners] == [1, 4]
+    cfg = build(file_text='multicast_ttl = 4\n[[listener]]\napp="a:B"\nbind="127.0.0.1:1"')
+    assert cfg.listeners[0].multicast_ttl == 1
+    text = '[[listener]]\napp="a:B"\nmulticast="228.0.0.1:5"'
+    assert build(file_text=text, environ={"SHARDUDP_MULTICAST_TTL": "3"}).listeners[0] \
+        .multicast_ttl == 3
+
+
+def test_listener_names_keep_ipv6_brackets() -> None:
+    cfg = build(cli={"app": "a:B", "bind": ["[::]:5", "[::1]:6", "127.0.0.1:7"],
+                     "multicast": ["[ff02::1:3]:8"]})
+    assert [x.name for x in cfg.listeners] == [
+        "udp-[::]:5", "udp-[::1]:6", "udp-127.0.0.1:7", "mcast-[ff02::1:3]:8"]

@@ -539,3 +539,21 @@ def test_a_ready_worker_gone_silent_fails_health_until_it_speaks(
     srv.sup.heartbeat(101, clock.now)
     srv.after_loop()
     assert srv.healthy_view() and srv.status()["healthy"]
+
+
+def test_with_counting_off_traffic_series_are_left_out(view: LatestView) -> None:
+    """--metrics-interval 0: zeros would read as no traffic; the master's own series stay."""
+    view.view = dataclasses.replace(view.view, book=MetricsBook().snapshot(), counting=False)
+    server, port = start_http("127.0.0.1", 0, view, Health())
+    try:
+        names = set(scrape(f"http://127.0.0.1:{port}"))
+    finally:
+        server.close()
+    traffic = {"shardudp_datagrams_received", "shardudp_datagrams_sent",
+               "shardudp_bytes_received", "shardudp_bytes_sent", "shardudp_send_errors",
+               "shardudp_handler_errors", "shardudp_handler_duration_seconds"}
+    assert not names & traffic
+    assert {"shardudp_socket_drops", "shardudp_socket_receive_queue_bytes",
+            "shardudp_socket_receive_buffer_bytes", "shardudp_worker_up",
+            "shardudp_worker_restarts", "shardudp_process_cpu_seconds",
+            "shardudp_build_info"} <= names

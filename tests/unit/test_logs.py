@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shardudp import logs, wire
+from shardudp import logs, wire, worker
 
 
 class Sink:
@@ -65,6 +68,110 @@ def test_a_huge_record_is_cut_to_the_wire_bound() -> None:
     logs._PipeHandler(sink).handle(_record("x" * (wire.LOG_TEXT_MAX * 3)))
     assert len(sink.frames[0].text) <= wire.LOG_TEXT_MAX
     wire.encode(sink.frames[0])  # and it fits a frame
+
+
+def test_text_that_is_not_valid_utf8_reaches_the_master_escaped() -> None:
+    sink = Sink()
+    logs._PipeHandler(sink).handle(_record("file name %s", os.fsdecode(b"caf\xe9")))
+    (got,) = wire.Decoder().feed(wire.encode(sink.frames[0])).messages
+    assert isinstance(got, wire.Log)
+    assert got.text == "file name caf\\udce9"
+
+
+def test_a_failing_sink_never_raises_into_the_apps_log_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(msg: wire.Log) -> bool:
+        raise ValueError("the sink broke")
+
+    handled: list[logging.LogRecord] = []
+    handler = logs._PipeHandler(broken)
+    monkeypatch.setattr(handler, "handleError", handled.append)
+    handler.handle(_record("hello"))
+    assert [r.getMessage() for r in handled] == ["hello"]
+
+
+class _Pipe:
+    """A worker's PipeWriter with its records on logger ``name``, and the master's end."""
+
+    def __init__(self, name: str) -> None:
+        self.r, w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.out = worker.PipeWriter(w)
+        self.log = logging.getLogger(name)
+        self.log.propagate = False
+        self.handler = logs._PipeHandler(
+            lambda m: self.out.send(m, droppable=True, backlog=worker.LOG_BACKLOG))
+        self.log.addHandler(self.handler)
+
+    def texts(self) -> list[str]:
+        got = wire.Decoder().feed(os.read(self.r, 1 << 20))
+        assert got.error is None
+        return [m.text for m in got.messages if isinstance(m, wire.Log)]
+
+    def close(self) -> None:
+        self.log.removeHandler(self.handler)
+        os.close(self.r)
+        os.close(self.out.fd)
+
+
+def _logs_within(pipe: _Pipe, seconds: float) -> None:
+    """Log "outer" in a thread: a deadlocked writer would never return."""
+    t = threading.Thread(target=pipe.log.error, args=("outer",), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "logging deadlocked"
+
+
+def test_a_record_logged_while_a_frame_is_encoded_does_not_deadlock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = _Pipe("reentry.encode")
+    real: Callable[[wire.Message], bytes] = wire.encode
+    fired = []
+
+    def encode(msg: wire.Message) -> bytes:
+        # Encoding allocates; a collection may run a finalizer that logs,
+        # as Twisted's "Unhandled error in Deferred" does.
+        if not fired:
+            fired.append(True)
+            pipe.log.error("Unhandled error in Deferred")
+        return real(msg)
+
+    monkeypatch.setattr(wire, "encode", encode)
+    try:
+        _logs_within(pipe, 5)
+        assert sorted(pipe.texts()) == ["Unhandled error in Deferred", "outer"]
+    finally:
+        pipe.close()
+
+
+class _OsWhoseWriteLogs:
+    """``os`` for the writer, except that its first write runs a finalizer
+    that logs (the exception a write allocates may trigger a collection)."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if not self.fired:
+            self.fired = True
+            self.log.error("Unhandled error in Deferred")
+        return os.write(fd, data)
+
+
+def test_a_record_logged_while_the_writer_holds_its_lock_is_written_not_deadlocked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = _Pipe("reentry.write")
+    monkeypatch.setattr(worker, "os", _OsWhoseWriteLogs(pipe.log))
+    try:
+        _logs_within(pipe, 5)
+        assert pipe.texts() == ["outer", "Unhandled error in Deferred"]
+    finally:
+        monkeypatch.undo()
+        pipe.close()
 
 
 class Capture(logging.Handler):

@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import random
 import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import McastSenders, free_port
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import MulticastJoinError
+from twisted.internet.protocol import DatagramProtocol
 
 from shardudp import sockets, sockstats
 from shardudp.config import Listener, build
 from shardudp.drops import SHARED
+from shardudp.errors import StartupError
+from shardudp.port import PythonShardPort
 from shardudp.socketset import SocketSet
 
 M32 = 0xFFFFFFFF
@@ -127,12 +135,6 @@ def test_union_filter_keeps_either_share_and_empty_drops_all() -> None:
 _GROUPS = (f"239.255.43.{i}" for i in itertools.count(1))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listener(mode: str | None = None, **cli: Any) -> Listener:
     """A multicast listener on loopback (mode given) or a unicast one."""
     if mode is not None:
@@ -141,39 +143,32 @@ def listener(mode: str | None = None, **cli: Any) -> Listener:
     return build(cli={"app": "a:B", "workers": "1", **cli}).listeners[0]
 
 
-class Senders:
-    """Loopback-only multicast senders, each its own source port."""
-
-    def __init__(self, n: int) -> None:
-        self.socks = []
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("127.0.0.1", 0))
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-            self.socks.append(s)
-
-    def send(self, lst: Listener, count: int, start: int = 0) -> None:
-        addr = (lst.address.host, lst.address.port)
-        for i in range(start, start + count):
-            self.socks[i % len(self.socks)].sendto(b"%06d" % i, addr)
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
+def address(lst: Listener) -> tuple[str, int]:
+    return lst.address.host, lst.address.port
 
 
 @pytest.fixture
-def senders() -> Iterator[Senders]:
-    s = Senders(30)
-    yield s
-    s.close()
+def senders() -> Iterator[McastSenders]:
+    with McastSenders(30) as s:
+        yield s
+
+
+OpenSet = Callable[[Listener, int], SocketSet]
 
 
 @pytest.fixture
-def sset() -> Iterator[list[SocketSet]]:
+def sset() -> Iterator[OpenSet]:
+    """Make a SocketSet of one listener with slots 0..n-1 open; closed after the test."""
     made: list[SocketSet] = []
-    yield made
+
+    def open_set(lst: Listener, slots: int) -> SocketSet:
+        ss = SocketSet((lst,))
+        made.append(ss)
+        for slot in range(slots):
+            ss.open_slot(slot)
+        return ss
+
+    yield open_set
     for s in made:
         s.close_all()
 
@@ -215,15 +210,12 @@ def test_every_socket_turns_multicast_all_off() -> None:
 
 
 def test_shard_members_split_exactly_and_refusals_are_not_drops(
-    senders: Senders, sset: list[SocketSet]
+    senders: McastSenders, sset: OpenSet
 ) -> None:
     lst = listener("shard")
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    for slot in range(3):
-        ss.open_slot(slot)
+    ss = sset(lst, 3)
     members = [ss.for_slot(slot)[0].sock for slot in range(3)]
-    senders.send(lst, 300)
+    senders.send_many(address(lst), 300)
     got = collect(members, 300)
     assert sorted(p for g in got for p in g) == [b"%06d" % i for i in range(300)]
     ports = [s.getsockname()[1] for s in senders.socks]
@@ -239,25 +231,22 @@ def test_shard_members_split_exactly_and_refusals_are_not_drops(
     assert set(stats.queues) == {("0", lst.name), ("1", lst.name), ("2", lst.name)}
 
 
-def test_shard_overflow_is_reported_exactly(senders: Senders, sset: list[SocketSet]) -> None:
+def test_shard_overflow_is_reported_exactly(senders: McastSenders, sset: OpenSet) -> None:
     lst = listener("shard", rcvbuf="4096")  # a few datagrams per member
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    for slot in range(3):
-        ss.open_slot(slot)
+    ss = sset(lst, 3)
     members = [ss.for_slot(slot)[0].sock for slot in range(3)]
-    senders.send(lst, 300)  # nothing reads meanwhile
+    senders.send_many(address(lst), 300)  # nothing reads meanwhile
     queued = sum(len(drain(m)) for m in members)
     assert 0 < queued < 300
     assert ss.kernel_stats().drops == {(SHARED, lst.name): 300 - queued}
     for i in range(300, 330):  # one at a time, read as they come: no more loss
-        senders.send(lst, 1, start=i)
+        senders.send_many(address(lst), 1, start=i)
         assert sum(map(len, collect(members, 1))) == 1
     assert ss.kernel_stats().drops == {(SHARED, lst.name): 300 - queued}
 
 
 def test_scale_changes_never_leave_a_source_without_a_socket(
-    sset: list[SocketSet], monkeypatch: pytest.MonkeyPatch
+    sset: OpenSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every filter change, one setsockopt at a time: each source stays kept
     by at least one open member socket throughout, and by exactly one after."""
@@ -280,8 +269,7 @@ def test_scale_changes_never_leave_a_source_without_a_socket(
             assert min(counts) >= 1, "a source was refused by every socket"
 
     monkeypatch.setattr(sockets, "attach_filter", attach)
-    ss = SocketSet((lst,))
-    sset.append(ss)
+    ss = sset(lst, 0)
     steps = [("open", 0), ("open", 1), ("open", 2), ("open", 3), ("detach", 3), ("close", 3),
              ("detach", 0), ("close", 0), ("open", 4), ("open", 5)]
     for what, slot in steps:
@@ -295,12 +283,9 @@ def test_scale_changes_never_leave_a_source_without_a_socket(
             assert keeps(prog, *src) == (sockets.shard_of(*src, 4) == index)
 
 
-def test_slot_drops_never_decrease_across_scale_down_and_up(sset: list[SocketSet]) -> None:
+def test_slot_drops_never_decrease_across_scale_down_and_up(sset: OpenSet) -> None:
     lst = listener(bind=["127.0.0.1:0"], rcvbuf="4096")  # a private socket per slot
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    ss.open_slot(0)
-    ss.open_slot(1)
+    ss = sset(lst, 2)
     key = ("1", lst.name)
 
     def flood() -> None:
@@ -322,16 +307,13 @@ def test_slot_drops_never_decrease_across_scale_down_and_up(sset: list[SocketSet
 
 
 def test_single_socket_is_read_once_and_belongs_to_the_listener(
-    senders: Senders, sset: list[SocketSet]
+    senders: McastSenders, sset: OpenSet
 ) -> None:
     lst = listener("single", rcvbuf="4096")
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    for slot in range(3):
-        ss.open_slot(slot)
+    ss = sset(lst, 3)
     shared = ss.for_slot(0)[0].sock
     assert all(ss.for_slot(slot)[0].sock is shared for slot in range(3))
-    senders.send(lst, 100)
+    senders.send_many(address(lst), 100)
     queued = len(drain(shared))
     stats = ss.kernel_stats()
     assert stats.drops == {(SHARED, lst.name): 100 - queued}
@@ -339,28 +321,23 @@ def test_single_socket_is_read_once_and_belongs_to_the_listener(
 
 
 def test_fanout_detach_stops_delivery_without_counting_drops(
-    senders: Senders, sset: list[SocketSet]
+    senders: McastSenders, sset: OpenSet
 ) -> None:
     lst = listener("fanout")
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    ss.open_slot(0)
-    ss.open_slot(1)
+    ss = sset(lst, 2)
     a, b = ss.for_slot(0)[0].sock, ss.for_slot(1)[0].sock
-    senders.send(lst, 10)
+    senders.send_many(address(lst), 10)
     assert [len(g) for g in collect([a, b], 20)] == [10, 10]
     ss.detach_slot(1)
-    senders.send(lst, 10, start=10)
+    senders.send_many(address(lst), 10, start=10)
     assert len(collect([a], 10)[0]) == 10
     assert drain(b) == []
     assert ss.kernel_stats().drops == {("0", lst.name): 0, ("1", lst.name): 0}
 
 
-def test_new_worker_gets_the_listeners_multicast_options(sset: list[SocketSet]) -> None:
+def test_new_worker_gets_the_listeners_multicast_options(sset: OpenSet) -> None:
     lst = listener("fanout", multicast_ttl="3", multicast_loopback=False)
-    ss = SocketSet((lst,))
-    sset.append(ss)
-    ss.open_slot(0)
+    ss = sset(lst, 1)
 
     def options(sock: socket.socket) -> tuple[int, int, str]:
         return (sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL),
@@ -375,3 +352,64 @@ def test_new_worker_gets_the_listeners_multicast_options(sset: list[SocketSet]) 
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("0.0.0.0"))
     # ...is undone before the next worker of the slot gets it.
     assert options(ss.for_slot(0)[0].sock) == (3, 0, "127.0.0.1")
+
+
+def test_a_low_port_without_privilege_says_how_to_get_it() -> None:
+    if int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 99:
+        pytest.skip("this host lets anyone bind ports below 1024")
+    lst = listener(bind=["127.0.0.1:99"])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root (and every capability with it), then bind
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                sockets.open_socket(lst, reuseport=True).close()
+                os.write(w, b"bound")
+            except StartupError as exc:
+                os.write(w, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        line = f.read().decode()
+    os.waitpid(pid, 0)
+    if line == "bound":
+        pytest.skip("this process may bind ports below 1024 even without root")
+    assert line == (
+        "cannot bind 127.0.0.1:99 for listener 'udp-127.0.0.1:99': Permission denied; ports "
+        "below 1024 need privilege: start as root (with --user USER to run the workers as "
+        "USER), or grant CAP_NET_BIND_SERVICE (in a systemd unit: "
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
+
+
+def test_a_worker_takes_its_listeners_interface_from_the_config(sset: OpenSet) -> None:
+    """In single mode every worker shares one socket: between the master's reset
+    (for_slot) and a new worker's adopt, the leader may set another outgoing
+    interface. The new worker still treats joins on the listener's interface
+    as the master's."""
+    lst = listener("single")
+    ss = sset(lst, 2)
+    sock = ss.for_slot(1)[0].sock
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("0.0.0.0"))
+    reactor: Any = EPollReactor()
+    port = PythonShardPort.adopt(sock, DatagramProtocol(), reactor,
+                                 multicast_interface=lst.multicast_interface or "")
+    port.startListening()
+    try:
+        results: list[Any] = []
+        group = lst.address.host
+        port.joinGroup(group, "127.0.0.1").addBoth(results.append)
+        port.leaveGroup(group, "127.0.0.1").addBoth(results.append)
+        port.joinGroup(group, "127.0.0.2").addBoth(results.append)
+        assert results[:2] == [None, None]
+        assert results[2].check(MulticastJoinError)
+        assert "on 127.0.0.1 (--multicast-interface)" in str(results[2].value)
+    finally:
+        port.connectionLost(None)
+        reactor.waker.connectionLost(None)
+        reactor._poller.close()

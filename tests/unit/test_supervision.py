@@ -7,6 +7,7 @@ import pytest
 from shardudp.errors import ExitCode
 from shardudp.supervision import (
     PIPE_EOF_GRACE,
+    RELOAD_TRIES,
     AllReady,
     CloseSlot,
     DetachSlot,
@@ -21,6 +22,7 @@ from shardudp.supervision import (
     Spawn,
     Supervisor,
     backoff_delay,
+    fds_needed,
 )
 
 POLICY = Policy(timeout=10.0, graceful_timeout=5.0, backoff_max=8.0)
@@ -467,3 +469,128 @@ def test_a_failure_stop_does_not_repeat_its_reason_in_the_log() -> None:
     out = h.feed(h.sup.exited(pid, int(ExitCode.BOOT), None, h.now))
     assert out[-1] == Exit(ExitCode.BOOT, "cannot import 'x'")
     assert not any("cannot import" in m for m in messages(h.actions))
+
+
+def _kill_replacement(h: Harness, how: str) -> list[object]:
+    """Make the booting new worker of a reload die the way ``how`` says."""
+    (slot,) = [s.index for s in h.sup.slots.values() if s.incoming is not None]
+    new = h.sup.slots[slot].incoming
+    assert new is not None
+    if how in ("timeout", "pipe-eof"):
+        if how == "pipe-eof":
+            h.feed(h.sup.pipe_closed(new, h.now))
+        h.now += PIPE_EOF_GRACE if how == "pipe-eof" else POLICY.timeout + 1
+        for pid in list(h.sup.workers):
+            if pid != new:  # the old workers keep heartbeating
+                h.feed(h.sup.heartbeat(pid, h.now))
+        assert Kill(new, "TERM") in h.feed(h.sup.tick(h.now))
+    elif how == "wire":
+        assert Kill(new, "TERM") in h.feed(h.sup.wire_fault(new, "garbage", h.now))
+    return h.feed(h.sup.exited(new, None, 9 if how == "signal" else 15, h.now))
+
+
+def _run_due_spawns(h: Harness) -> list[object]:
+    due = [s.spawn_at for s in h.sup.slots.values() if s.spawn_at is not None]
+    assert due, "nothing scheduled"
+    h.now = max(h.now, min(due))
+    return h.feed(h.sup.tick(h.now))
+
+
+@pytest.mark.parametrize("how", ["signal", "timeout", "wire", "pipe-eof"])
+def test_reload_retries_a_replacement_that_dies_before_ready_so_complete_means_all_new(
+        how: str) -> None:
+    h = Harness(2)
+    h.ready_all()
+    old = h.pids()
+    h.feed(h.sup.reload(h.now))
+    out = _kill_replacement(h, how)
+    assert any(f"slot 0 keeps worker pid={old[0]}; starting another new worker in" in m
+               for m in messages(out))
+    # Slot 1 is not touched while slot 0 still runs the old code.
+    assert not any(isinstance(a, Spawn) for a in out)
+    assert h.sup.slots[1].incoming is None
+    out = _run_due_spawns(h)
+    assert [a.slot for a in out if isinstance(a, Spawn)] == [0]
+    for slot in (0, 1):
+        new = h.sup.slots[slot].incoming
+        assert new is not None
+        h.feed(h.sup.ready(new, h.now))
+        out = h.feed(h.sup.exited(old[slot], 0, None, h.now))
+    assert "reload complete" in messages(out)
+    assert not set(h.pids().values()) & set(old.values())
+    assert h.sup.healthy()
+    assert not any("reload complete" in m for m in messages(h.actions[:-len(out)]))
+
+
+def test_reload_gives_up_after_repeated_replacement_deaths_and_old_workers_keep_serving() -> None:
+    h = Harness(2)
+    h.ready_all()
+    old = h.pids()
+    h.feed(h.sup.reload(h.now))
+    for attempt in range(RELOAD_TRIES):
+        out = _kill_replacement(h, "signal")
+        if attempt < RELOAD_TRIES - 1:
+            assert [a.slot for a in _run_due_spawns(h) if isinstance(a, Spawn)] == [0]
+    assert [m for m in messages(out) if "reload aborted" in m] == [
+        f"reload aborted: new worker slot=0 pid={h.next_pid} killed by signal 9; "
+        f"{RELOAD_TRIES} new workers for slot 0 died before READY; old workers keep serving"]
+    assert h.pids() == old and h.sup.healthy()
+    assert all(s.spawn_at is None for s in h.sup.slots.values())
+    assert not any("reload complete" in m for m in messages(h.actions))
+    # The retries used backoff, and a later reload is accepted.
+    delays = [m.rsplit(" in ", 1)[1] for m in messages(h.actions) if "another new worker" in m]
+    assert delays == ["0.5s", "1.0s"]
+    assert [a.slot for a in h.feed(h.sup.reload(h.now)) if isinstance(a, Spawn)] == [0]
+
+
+def test_old_workers_expected_exit_during_reload_is_never_a_crash() -> None:
+    h = Harness(1)
+    h.ready_all()
+    h.feed(h.sup.exited(h.pids()[0], None, 9, h.now))  # an earlier crash
+    h.ready_all()
+    old = h.pids()[0]
+    h.now += 1
+    h.feed(h.sup.reload(h.now))
+    h.ready_all()
+    new = h.pids()[0]
+    h.now += 0.1
+    # The new worker crashes while the old one drains: it waits out a backoff.
+    out = h.feed(h.sup.exited(new, None, 9, h.now))
+    assert any("restarting in" in m for m in messages(out))
+    crashes, spawn_at = h.sup.slots[0].crashes, h.sup.slots[0].spawn_at
+    h.now += 0.1
+    out = h.feed(h.sup.exited(old, 0, None, h.now))
+    assert [a.reason for a in out if isinstance(a, Retired)] == [""]
+    assert not any("exited with code 0" in m or "restarting" in m for m in messages(out))
+    assert not any(isinstance(a, Spawn) for a in out)
+    assert (h.sup.slots[0].crashes, h.sup.slots[0].spawn_at) == (crashes, spawn_at)
+
+
+def test_a_worker_exiting_by_itself_while_booting_before_first_ready_is_a_boot_failure() -> None:
+    h = Harness(2)
+    pids = h.pids()
+    out = h.feed(h.sup.exited(pids[0], 7, None, h.now))
+    assert not any(isinstance(a, Spawn) for a in out)
+    assert h.sup.stopping
+    out = h.feed(h.sup.exited(pids[1], 0, None, h.now))
+    assert out[-1] == Exit(ExitCode.BOOT,
+                           "worker slot=0 exited with status 7 while booting the APP")
+
+
+def test_a_worker_exiting_by_itself_after_the_server_served_is_a_crash() -> None:
+    h = Harness(1)
+    h.ready_all()
+    h.feed(h.sup.exited(h.pids()[0], None, 9, h.now))
+    out = h.feed(h.sup.exited(h.pids()[0], 7, None, h.now))  # still booting
+    assert not h.sup.stopping
+    assert any("exited with code 7; restarting in" in m for m in messages(out))
+
+
+def test_fd_estimate_counts_each_slots_sockets_and_pipes_and_the_shared_sockets() -> None:
+    one = fds_needed(10, slot_sockets=1, shared_sockets=0)
+    # Per slot: its socket and its worker's two pipe ends in the master.
+    assert fds_needed(11, slot_sockets=1, shared_sockets=0) - one == 3
+    assert fds_needed(10, slot_sockets=2, shared_sockets=0) - one == 10
+    assert fds_needed(10, slot_sockets=1, shared_sockets=3) - one == 3
+    # The audit's case: 400 workers on one listener do not fit `ulimit -n 1024`.
+    assert fds_needed(400, slot_sockets=1, shared_sockets=0) > 1024

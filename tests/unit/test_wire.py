@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -131,7 +132,7 @@ def test_log_text_is_bounded_and_says_how_much_was_cut() -> None:
     assert len(msg.text) <= wire.LOG_TEXT_MAX
     assert len(msg.name) <= wire.LOG_NAME_MAX
     assert msg.text.startswith("A" * 1000)
-    assert "characters cut]" in msg.text
+    assert "characters cut ...]" in msg.text
     assert wire.Decoder().feed(wire.encode(msg)).messages == [msg]
     short = wire.Log.bounded(20, "n", "hello", 2.0)
     assert short == wire.Log(level=20, name="n", text="hello", created=2.0)
@@ -148,3 +149,44 @@ def test_an_over_long_log_from_a_peer_is_refused() -> None:
 def test_encoding_an_oversized_message_is_refused() -> None:
     with pytest.raises(ValueError, match="over"):
         wire.encode(wire.BootFailed(reason="x" * (wire.MAX_FRAME + 10)))
+
+
+def test_bounded_text_keeps_head_and_tail_and_says_how_much_was_cut() -> None:
+    text = "Traceback (most recent call last):\n" + "x" * 100_000 + "\nValueError: the end"
+    out = wire.bounded_text(text, 1000)
+    assert len(out) <= 1000
+    assert out.startswith("Traceback (most recent call last):\n")
+    assert out.endswith("\nValueError: the end")
+    note = re.search(r" \[\.\.\. (\d+) characters cut \.\.\.\] ", out)
+    assert note is not None
+    assert len(out) - len(note.group(0)) + int(note.group(1)) == len(text)
+    assert wire.bounded_text("short", 1000) == "short"
+
+
+def test_text_that_is_not_valid_utf8_is_escaped_not_refused() -> None:
+    name = b"/etc/caf\xe9.conf".decode("utf-8", "surrogateescape")
+    msg = wire.Log.bounded(30, "app\udcff", f"cannot read {name}", 1.0)
+    assert msg.text == "cannot read /etc/caf\\udce9.conf"
+    assert msg.name == "app\\udcff"
+    assert wire.Decoder().feed(wire.encode(msg)).messages == [msg]
+    # Valid non-ASCII text is left alone.
+    assert wire.bounded_text("café ☕", 100) == "café ☕"
+
+
+@pytest.mark.parametrize("reason", [
+    "bad config value: " + "x" * 2_000_000,
+    "cannot read " + b"caf\xe9".decode("utf-8", "surrogateescape"),
+    "RuntimeError: first line\nsecond line\r\nthird",
+])
+def test_boot_failure_reason_is_one_bounded_encodable_line(reason: str) -> None:
+    msg = wire.BootFailed.bounded(reason)
+    assert len(msg.reason) <= wire.BOOT_REASON_MAX
+    assert len(msg.reason.splitlines()) == 1
+    assert msg.reason[:12] == reason[:12]
+    assert wire.Decoder().feed(wire.encode(msg)).messages == [msg]
+
+
+def test_an_over_long_boot_reason_from_a_peer_is_refused() -> None:
+    got = wire.Decoder().feed(frame([1, "bootfail", {"reason": "x" * (wire.BOOT_REASON_MAX + 1)}]))
+    assert got.messages == []
+    assert "bootfail.reason: longer than" in str(got.error)
