@@ -53,6 +53,24 @@ def affinity(cpus: frozenset[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, saved)
 
 
+def spawn(
+    argv: Sequence[str], cpus: frozenset[int] | None, *, merge_stderr: bool = False,
+    new_session: bool = False,
+) -> subprocess.Popen[str]:
+    """Start a bench process from the repository, pinned to ``cpus``, text pipes."""
+    with affinity(cpus):
+        return subprocess.Popen(
+            list(argv),
+            cwd=REPO,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            text=True,
+            start_new_session=new_session,
+        )
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -77,16 +95,7 @@ class BaselineServer:
         start_timeout: float = 15.0,
     ) -> None:
         self.name = name
-        with affinity(cpus):
-            self.proc = subprocess.Popen(
-                [*argv],
-                cwd=REPO,
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        self.proc = spawn(argv, cpus)
         self.port = self._wait_ready(start_timeout)
         self.count: int | None = None
 
@@ -193,17 +202,7 @@ class ShardServer:
                 *extra,
             ]
             self.argv = argv
-            with affinity(cpus):
-                self.proc = subprocess.Popen(
-                    argv,
-                    cwd=REPO,
-                    env=_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    start_new_session=True,
-                )
+            self.proc = spawn(argv, cpus, merge_stderr=True, new_session=True)
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
             try:
@@ -348,16 +347,7 @@ def _loadgen_argv(loadgen: Sequence[str], port: int, load: Load) -> list[str]:
 def start_loadgen(
     loadgen: Sequence[str], port: int, load: Load, cpus: frozenset[int] | None
 ) -> subprocess.Popen[str]:
-    with affinity(cpus):
-        return subprocess.Popen(
-            _loadgen_argv(loadgen, port, load),
-            cwd=REPO,
-            env=_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    return spawn(_loadgen_argv(loadgen, port, load), cpus)
 
 
 def finish_loadgen(proc: subprocess.Popen[str], load: Load) -> dict[str, object]:

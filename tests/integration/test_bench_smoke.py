@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # bench/ is part of the repository, not the package
+
+from bench.harness import BaselineServer  # noqa: E402
+
 ENV = {
     **os.environ,
     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
@@ -28,38 +30,14 @@ HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    """A plain-Python blocking echo server on 127.0.0.1, on a port it picked."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.servers.blocking", "127.0.0.1", "0", "echo"],
-        cwd=REPO,
-        env=ENV,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """A plain-Python blocking echo server on 127.0.0.1, as the bench runs it."""
+    server = BaselineServer(
+        "blocking", [sys.executable, "-m", "bench.servers.blocking", "127.0.0.1", "0", "echo"],
+        cpus=None, start_timeout=10.0)
     try:
-        assert proc.stdout is not None
-        port = None
-        deadline = time.monotonic() + 10
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while port is None and (left := deadline - time.monotonic()) > 0:
-                if sel.select(left):
-                    line = proc.stdout.readline()
-                    if not line:
-                        break
-                    if line.startswith("READY "):
-                        port = int(line.split()[1])
-        assert port is not None, "echo server never printed READY"
-        yield port
+        yield server.port
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        server.stop()
 
 
 def _loadgen(*args: str) -> subprocess.CompletedProcess[str]:
