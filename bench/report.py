@@ -120,7 +120,8 @@ def metrics_table(result: Result) -> list[str]:
         out += [
             "",
             f"Cost of metrics: {_pct(on.get('overhead_cpu'))} more CPU per datagram,"
-            f" {_pct(on.get('overhead_pps'))} fewer datagrams per second (pps is the noisier"
+            f" {_pct(on.get('overhead_pps'))} fewer datagrams per second: medians of"
+            f" {on.get('overhead_pairs', '?')} back-to-back on/off pairs (pps is the noisier"
             " of the two on a shared machine).",
         ]
     out.append("")
