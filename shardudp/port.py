@@ -230,7 +230,9 @@ class ShardPort(MulticastPort):
         self._stats = stats
         self._shared = bool(shared)
         self._good_hosts = {}
-        self._membership = _membership_of(dup, multicast_interface)
+        # Only the master's sockets have a membership it owns; a socket a
+        # protocol opened itself (reactor.listenMulticast) joins as in Twisted.
+        self._membership = _membership_of(dup, multicast_interface) if shared else None
         name = f"{type(protocol).__name__} on {interface}:{dup.getsockname()[1]}"
         self._errors = _ErrorLog(f"datagramReceived of {name} raised")
         self._send_errors = _ErrorLog(f"send from {name} failed")

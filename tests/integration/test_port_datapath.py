@@ -946,3 +946,28 @@ def test_stop_listening_completes_and_closes_everything_when_stop_protocol_exits
     assert _open_fd_count() - before == 1
     (record,) = [r for r in caplog.records if "leaving from stopProtocol" in r.getMessage()]
     assert exc_type.__name__ in record.getMessage()
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_a_protocols_own_socket_bound_to_a_group_joins_it_for_real(
+    h: Harness, datapath: str
+) -> None:
+    """reactor.listenMulticast(port, proto, interface=GROUP) in a worker: the
+    socket is the protocol's, not the master's, so joinGroup really joins."""
+    group = "239.255.77.1"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    h.masters.append(s)
+    s.bind((group, 0))
+    proto = Recorder(echo=False)
+    port = port_class(datapath).adopt(s, proto, h.reactor, shared=False)
+    port.startListening()
+    h.ports.append(port)
+    joined: list[object] = []
+    port.joinGroup(group, "127.0.0.1").addBoth(joined.append)
+    h.spin(lambda: bool(joined), "joinGroup")
+    assert joined == [None]
+    sender = h.client()
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sender.sendto(b"to the group", (group, s.getsockname()[1]))
+    h.spin(lambda: len(proto.received) == 1, "the group's datagram")
+    assert proto.received[0][0] == b"to the group"
