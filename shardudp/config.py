@@ -121,7 +121,7 @@ def _app(v: object) -> str:
 _BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 
 
-def _ip(v: object) -> str:
+def parse_ip(v: object) -> str:
     s = _str(v)
     try:
         ip = ipaddress.ip_address(s)
@@ -135,7 +135,7 @@ def _ip(v: object) -> str:
 
 
 def _interface(v: object) -> str:
-    host = _ip(v)
+    host = parse_ip(v)
     ip = ipaddress.ip_address(host)
     if ip.is_multicast or ip == _BROADCAST:
         raise ValueError(f"{host} is not an interface address: give one of this host's addresses")
@@ -148,7 +148,7 @@ def parse_address(v: object) -> Address:
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)", s) or re.fullmatch(r"([^:\[\]]+):(\d+)", s)
     if not m:
         raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {v!r}")
-    host = _ip(m.group(1))
+    host = parse_ip(m.group(1))
     if ":" in host and not s.startswith("["):
         raise ValueError(f"IPv6 addresses need brackets: [{host}]:PORT")
     return Address(host, _int(0, 65535)(int(m.group(2))))

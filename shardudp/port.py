@@ -43,7 +43,7 @@ from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shardudp.config import _ip as parse_ip
+from shardudp.config import parse_ip
 from shardudp.errors import StartupError
 from shardudp.sockets import ifindex_of
 from shardudp.stats import SAMPLE_EVERY, ListenerStats

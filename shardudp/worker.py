@@ -225,10 +225,9 @@ class PipeWriter:
     def send(self, msg: wire.Message, *, droppable: bool = False,
              backlog: int = PIPE_BACKLOG) -> bool:
         """Queue and try to write ``msg``; False if it was dropped."""
-        frame = wire.encode(msg)
         if self.broken or (droppable and len(self.buf) > backlog):
-            return False
-        self._queue.append(frame)
+            return False  # before encoding: a log flood must not pay for what it drops
+        self._queue.append(wire.encode(msg))
         self.flush()
         return True
 
