@@ -192,7 +192,8 @@ def _datapath_mode(ctx: Context, mode: str) -> list[Row]:
     load = Load(mode, 64, ctx.duration, ctx.flows)
     app = ECHO_APP if mode == "echo" else SINK_APP
     starters: list[tuple[str, Starter]] = [
-        (dp, _shard(ctx, app, 1, ["--datapath", dp])) for dp in ("twisted", "python", "c")
+        (dp, _shard(ctx, app, 1, ["--datapath", dp]))
+        for dp in ("twisted", "python-loop", "python", "c")
     ]
     titles = {"stock": "stock Twisted listenUDP", "c-echo": "C recvmmsg/sendmmsg server"}
     refs = {"stock": "twisted", "c-echo": "c"}

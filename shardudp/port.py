@@ -15,14 +15,19 @@ the transport they expect. What they add over stock Twisted:
 * A handler exception is counted and logged (rate-limited), never fatal.
 * Optional per-listener counters (``shardudp.stats.ListenerStats``).
 
-Three data paths, picked with ``port_class()``:
+Four data paths, picked with ``port_class()``:
 
-* ``python``: a tight read loop and a write path that validates each distinct
-  address once instead of three times per datagram.
 * ``c``: ``recvmmsg``/``sendmmsg`` batches through ``shardudp._batchio``;
   writes made while a batch is delivered go out in one ``sendmmsg``.
+* ``python``: the same batches and rules with nothing compiled: the C
+  library's ``recvmmsg``/``sendmmsg`` through ``ctypes`` (``_pybatch``).
+* ``python-loop``: one ``recvfrom`` per datagram in a tight loop, and a write
+  path that validates each distinct address once instead of three times per
+  datagram; for a C library without ``recvmmsg``.
 * ``twisted``: stock Twisted's read and write algorithms with only the guards
   and counters added, as the baseline for A/B benchmarks.
+
+``auto`` takes the first of c, python, python-loop that works here.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from shardudp import _pybatch
 from shardudp.config import parse_ip
 from shardudp.errors import StartupError
 from shardudp.sockets import ifindex_of
@@ -57,10 +63,13 @@ else:
     _BATCHIO_MISSING = ""
 
 HAVE_C_BATCHIO: Final = _batchio is not None
+HAVE_PY_BATCHIO: Final = _pybatch.AVAILABLE
 
 __all__ = [
     "HAVE_C_BATCHIO",
+    "HAVE_PY_BATCHIO",
     "CShardPort",
+    "PythonLoopShardPort",
     "PythonShardPort",
     "ShardPort",
     "ShardedSocketError",
@@ -558,10 +567,10 @@ def _check_adoptable(sock: object) -> socket.AddressFamily:
     return sock.family
 
 
-class PythonShardPort(ShardPort):
-    """Pure Python fast path: one recvfrom per datagram in a tight loop."""
+class PythonLoopShardPort(ShardPort):
+    """Pure Python without batches: one recvfrom per datagram in a tight loop."""
 
-    datapath = "python"
+    datapath = "python-loop"
 
     def _read(self, max_count: int, max_bytes: int) -> int:
         if self._stats is not None:
@@ -694,19 +703,24 @@ class TwistedShardPort(ShardPort):
         self._sendto(datagram, addr)
 
 
-class CShardPort(ShardPort):
-    """recvmmsg/sendmmsg batches through the ``shardudp._batchio`` extension."""
+class _BatchShardPort(ShardPort):
+    """recvmmsg/sendmmsg batches through an engine (``_batchio`` or ``_pybatch``).
 
-    datapath = "c"
+    The engine does the reading and the common writes; the port keeps the
+    rare cases, which must match stock Twisted exactly (first write to a
+    destination, handler failures, refusals, late send errors).
+    """
+
     # Datagrams per recvmmsg; each slot has a max_packet_size buffer.
     batchSize: ClassVar[int] = 64
 
     _engine: Any
 
+    def _engine_type(self) -> Any:
+        raise NotImplementedError
+
     def _adopted(self) -> None:
-        if _batchio is None:
-            raise RuntimeError(f"the C datapath is unavailable: {_BATCHIO_MISSING}")
-        self._engine = _batchio.Engine(
+        self._engine = self._engine_type()(
             self._sock.fileno(),
             int(self.addressFamily),
             self,
@@ -717,8 +731,8 @@ class CShardPort(ShardPort):
             _SAMPLE_MASK,
             self.addressCacheSize,
         )
-        # The protocol calls transport.write per reply: make that the C method
-        # itself, with no Python frame in between.
+        # The protocol calls transport.write per reply: make that the
+        # engine's method itself, with no frame of ours in between.
         self.write = self._engine.write  # type: ignore[method-assign]
 
     def _read(self, max_count: int, max_bytes: int) -> int:
@@ -750,20 +764,48 @@ class CShardPort(ShardPort):
             engine.close()
 
 
+class CShardPort(_BatchShardPort):
+    """recvmmsg/sendmmsg batches through the ``shardudp._batchio`` extension."""
+
+    datapath = "c"
+
+    def _engine_type(self) -> Any:
+        if _batchio is None:
+            raise RuntimeError(f"the C datapath is unavailable: {_BATCHIO_MISSING}")
+        return _batchio.Engine
+
+
+class PythonShardPort(_BatchShardPort):
+    """The same batches with nothing compiled: ``recvmmsg``/``sendmmsg`` via ctypes."""
+
+    datapath = "python"
+
+    def _engine_type(self) -> Any:
+        if not _pybatch.AVAILABLE:
+            raise RuntimeError(f"the python datapath is unavailable: {_pybatch.MISSING}")
+        return _pybatch.Engine
+
+
 _CLASSES: Final[dict[str, type[ShardPort]]] = {
-    "python": PythonShardPort,
-    "twisted": TwistedShardPort,
     "c": CShardPort,
+    "python": PythonShardPort,
+    "python-loop": PythonLoopShardPort,
+    "twisted": TwistedShardPort,
 }
-DATAPATHS: Final = ("auto", "c", "python", "twisted")
+DATAPATHS: Final = ("auto", *_CLASSES)
 
 
 def port_class(datapath: str) -> type[ShardPort]:
-    """The port class for a ``--datapath`` value (auto, c, python or twisted)."""
+    """The port class for a ``--datapath`` value (see DATAPATHS)."""
     if datapath == "auto":
-        return CShardPort if HAVE_C_BATCHIO else PythonShardPort
+        if HAVE_C_BATCHIO:
+            return CShardPort
+        return PythonShardPort if HAVE_PY_BATCHIO else PythonLoopShardPort
     if datapath == "c" and not HAVE_C_BATCHIO:
         raise RuntimeError(f"--datapath c is unavailable: {_BATCHIO_MISSING}")
+    if datapath == "python" and not HAVE_PY_BATCHIO:
+        raise RuntimeError(f"--datapath python is unavailable: {_pybatch.MISSING}; "
+                           "--datapath python-loop needs no recvmmsg")
     try:
         return _CLASSES[datapath]
     except (KeyError, TypeError):

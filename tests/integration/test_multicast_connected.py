@@ -111,12 +111,12 @@ def test_delivery_modes_on_every_datapath(datapath: str, senders: McastSenders,
 
 
 def test_single_kill_9_of_the_leader_while_datagrams_are_queued(senders: McastSenders) -> None:
-    """Runs on --datapath python, which reads one datagram at a time: all but
+    """Runs on --datapath python-loop, which reads one datagram at a time: all but
     the one the leader was handling are still queued in the shared socket when
     it dies, and the next leader handles each of them exactly once. (A batch
     datapath loses what the dead leader had read but not yet handled.)"""
     srv, port = mcast_server("single", app="mcast_apps:Slow", env={"SLOW_MS": "10"},
-                             extra=("--datapath", "python"))
+                             extra=("--datapath", "python-loop"))
     try:
         senders.send_many((GROUP, port), 60, b"q-")
         first = senders.replies(5, 10)

@@ -34,7 +34,9 @@ _need_c = pytest.mark.skipif(
     not HAVE_C_BATCHIO and not os.environ.get("SHARDUDP_REQUIRE_C"),
     reason="shardudp._batchio is not built",
 )
-DATAPATHS = ["python", "twisted", pytest.param("c", marks=_need_c)]
+DATAPATHS = ["python", "python-loop", "twisted", pytest.param("c", marks=_need_c)]
+# recvmmsg/sendmmsg batches: the C helper, or the same through ctypes.
+BATCHED = ("c", "python")
 FAMILIES = [
     pytest.param(socket.AF_INET, id="v4"),
     pytest.param(socket.AF_INET6, id="v6"),
@@ -581,6 +583,37 @@ def test_many_writes_per_datagram_to_another_address_arrive_in_order(
     assert got == [t + b"/%d" % i for t in (b"a", b"b") for i in range(per_datagram)]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_python_batch_larger_than_its_send_arena_goes_out_whole_and_in_order(
+    h: Harness, family: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The python path packs a batch's replies into one arena per sendmmsg; a
+    batch that does not fit is sent in several, each datagram intact."""
+    from shardudp import _pybatch
+
+    if not _pybatch.AVAILABLE:
+        pytest.skip(_pybatch.MISSING)
+    monkeypatch.setattr(_pybatch, "_ARENA_MIN", 4096)
+    monkeypatch.setattr(_pybatch, "_ARENA_PER_SLOT", 1)
+    proto = Recorder()
+    sink = h.client(family)
+    sizes = [1500, 3000, 4096, 10, 2500, 1, 4000]  # 3000 + 4096 > the arena
+
+    def fan_out(datagram: bytes, addr: Any) -> None:
+        for i, size in enumerate(sizes):
+            proto.transport.write(bytes([65 + i]) * size, sink.getsockname()[:2])
+        proto.transport.write(b"done", addr)
+
+    proto.reply = fan_out
+    _, m = h.serve("python", proto, family)
+    c = h.client(family)
+    c.sendto(b"go", m.getsockname()[:2])
+    h.spin(lambda: len(proto.received) == 1, "the datagram")
+    assert c.recvfrom(100)[0] == b"done"
+    got = [sink.recvfrom(70000)[0] for _ in sizes]
+    assert got == [bytes([65 + i]) * size for i, size in enumerate(sizes)]
+
+
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_writes_outside_a_read_and_odd_buffer_types(h: Harness, datapath: str) -> None:
     proto = Recorder(echo=False)
@@ -658,9 +691,9 @@ def test_port_closed_by_its_own_handler_mid_batch(h: Harness, datapath: str) -> 
         except BlockingIOError:
             break
     seen = [d for d, _ in proto.received] + left
-    # The C path had the whole batch in memory already: what it had not yet
+    # A batch path had the whole batch in memory already: what it had not yet
     # delivered is dropped with the port, never delivered after the close.
-    if datapath == "c":
+    if datapath in BATCHED:
         assert seen == [b"1", b"2", b"3"][: len(seen)]
     else:
         assert seen == [b"1", b"2", b"3"]
@@ -716,7 +749,7 @@ def _replies_held_during_batch(h: Harness, datapath: str) -> tuple[list[bool], l
 def test_writes_during_a_batch_are_sent_together_at_its_end(h: Harness, datapath: str) -> None:
     seen, replies = _replies_held_during_batch(h, datapath)
     assert replies == [b"re:%d" % i for i in range(8)]
-    if datapath == "c":
+    if datapath in BATCHED:
         # Queued, then one sendmmsg after the last handler of each batch.
         assert seen == [False] * 8
     else:
@@ -864,12 +897,12 @@ _REFILL_DURING_FLUSH = r"""
 import socket, subprocess, sys
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import DatagramProtocol
-from shardudp.port import CShardPort
+from shardudp import port as port_mod
 
 DST = ("10.99.0.1", 9)  # routed via lo inside this namespace only
 refills = []
 
-class Port(CShardPort):
+class Port(getattr(port_mod, sys.argv[1])):
     def _async_send_failed(self, exc):
         # Any Python run while a flush reports errors (a log handler, say)
         # that writes a whole batch: the queue must not overflow.
@@ -900,15 +933,16 @@ print("refilled after", refills)
 """
 
 
-@_need_c
-def test_writes_from_a_flush_error_callback_never_overflow_the_send_queue() -> None:
+@pytest.mark.parametrize("cls", ["PythonShardPort", pytest.param("CShardPort", marks=_need_c)])
+def test_writes_from_a_flush_error_callback_never_overflow_the_send_queue(cls: str) -> None:
     """A flush that meets send errors reports them through Python, which may
     write a whole batch more; the queue is checked again after every flush."""
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
         pytest.skip("needs root, iproute2 and unshare for a private network namespace")
     setup = "ip link set lo up && ip route add 10.99.0.0/16 dev lo && exec \"$0\" -c \"$1\""
     proc = subprocess.run(
-        ["unshare", "--net", "sh", "-c", setup, sys.executable, _REFILL_DURING_FLUSH],
+        ["unshare", "--net", "sh", "-c", setup + ' "$2"', sys.executable, _REFILL_DURING_FLUSH,
+         cls],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -17,6 +17,7 @@ from shardudp import port as port_mod
 from shardudp.port import (
     HAVE_C_BATCHIO,
     CShardPort,
+    PythonLoopShardPort,
     PythonShardPort,
     ShardedSocketError,
     ShardPort,
@@ -28,9 +29,10 @@ from shardudp.stats import ListenerStats
 
 def test_port_class_selects_each_datapath() -> None:
     assert port_class("python") is PythonShardPort
+    assert port_class("python-loop") is PythonLoopShardPort
     assert port_class("twisted") is TwistedShardPort
     assert port_class("auto") is (CShardPort if HAVE_C_BATCHIO else PythonShardPort)
-    for cls in (PythonShardPort, TwistedShardPort, CShardPort):
+    for cls in (PythonShardPort, PythonLoopShardPort, TwistedShardPort, CShardPort):
         assert issubclass(cls, ShardPort)
     assert issubclass(ShardedSocketError, RuntimeError)
 
@@ -41,6 +43,15 @@ def test_port_class_c_names_why_it_is_missing(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(RuntimeError, match="no compiler at install time"):
         port_class("c")
     assert port_class("auto") is PythonShardPort
+
+
+def test_without_recvmmsg_auto_falls_back_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(port_mod, "HAVE_C_BATCHIO", False)
+    monkeypatch.setattr(port_mod, "HAVE_PY_BATCHIO", False)
+    monkeypatch.setattr(port_mod._pybatch, "MISSING", "the C library has no recvmmsg")
+    with pytest.raises(RuntimeError, match=r"no recvmmsg.*python-loop"):
+        port_class("python")
+    assert port_class("auto") is PythonLoopShardPort
 
 
 @pytest.mark.parametrize("bad", ["fast", "", "C", None, 3])
@@ -116,7 +127,7 @@ class _FailingSocket:
         raise OSError(self.err, "injected")
 
 
-@pytest.mark.parametrize("datapath", ["python", "twisted"])
+@pytest.mark.parametrize("datapath", ["python", "python-loop", "twisted"])
 @pytest.mark.parametrize(
     ("err", "raised"),
     [
