@@ -212,6 +212,38 @@ def test_largest_datagram_arrives_whole(h: Harness, datapath: str, family: int) 
     assert proto.received[0][0] == big
 
 
+@pytest.mark.parametrize("max_packet_size", [100, 2048, 2049, 65535])
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_datagram_sizes_and_truncation_match_stock(
+    h: Harness, datapath: str, max_packet_size: int
+) -> None:
+    """What a protocol gets (whole, or cut at max_packet_size) is what stock gives."""
+    sizes = [0, 1, 99, 100, 101, 2047, 2048, 2049, 4096, 65507]
+    payloads = [os.urandom(n) for n in sizes]
+    got: dict[str, list[bytes]] = {}
+    for kind in ("stock", datapath):
+        proto = Recorder(echo=False)
+        if kind == "stock":
+            m = h.master()
+            m.setblocking(False)
+            stock: Any = MulticastPort
+            port = stock._fromListeningDescriptor(
+                h.reactor, m.fileno(), socket.AF_INET, proto, maxPacketSize=max_packet_size)
+        else:
+            m = h.master()
+            port = port_class(datapath).adopt(m, proto, h.reactor,
+                                              max_packet_size=max_packet_size)
+        port.startListening()
+        h.ports.append(port)
+        c = h.client()
+        for p in payloads:
+            c.sendto(p, m.getsockname())
+        h.spin(lambda proto=proto: len(proto.received) == len(payloads), f"{kind} datagrams")
+        got[kind] = [d for d, _ in proto.received]
+    assert got[datapath] == got["stock"]
+    assert got["stock"] == [p[:max_packet_size] for p in payloads]
+
+
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_handler_exception_is_counted_and_port_keeps_serving(
     h: Harness, datapath: str, caplog: pytest.LogCaptureFixture
@@ -612,6 +644,43 @@ def test_python_batch_larger_than_its_send_arena_goes_out_whole_and_in_order(
     assert c.recvfrom(100)[0] == b"done"
     got = [sink.recvfrom(70000)[0] for _ in sizes]
     assert got == [bytes([65 + i]) * size for i, size in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_address_caches_stay_bounded_and_answer_right_when_full(
+    h: Harness, datapath: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More senders and destinations than the caches hold: every reply still
+    goes to the right client, and no cache outgrows its bound."""
+    from shardudp import _pybatch
+
+    monkeypatch.setattr(_pybatch, "_RX_CACHE_SIZE", 2)
+    monkeypatch.setattr(ShardPort, "addressCacheSize", 2)
+    proto = Recorder(echo=False)
+    sinks = [h.client() for _ in range(3)]
+
+    def reply_and_copy(datagram: bytes, addr: Any) -> None:
+        proto.transport.write(b"re:" + datagram, addr)
+        for s in sinks:
+            proto.transport.write(b"cc:" + datagram, s.getsockname())
+
+    proto.reply = reply_and_copy
+    port, m = h.serve(datapath, proto)
+    clients = [h.client() for _ in range(5)]
+    for rnd in range(2):
+        for i, c in enumerate(clients):
+            c.sendto(b"%d.%d" % (rnd, i), m.getsockname())
+    h.spin(lambda: len(proto.received) == 10, "every datagram")
+    for i, c in enumerate(clients):
+        assert sorted(c.recvfrom(100)[0] for _ in range(2)) == [b"re:0.%d" % i, b"re:1.%d" % i]
+    for s in sinks:
+        got = {s.recvfrom(100)[0] for _ in range(10)}
+        assert got == {b"cc:%d.%d" % (r, i) for r in range(2) for i in range(5)}
+    caches: list[dict[Any, Any]] = [port._good_hosts]
+    engine = getattr(port, "_engine", None)
+    if isinstance(engine, _pybatch.Engine):
+        caches += [engine._tx_cache, engine._rx_cache]
+    assert all(len(c) <= 2 for c in caches), [len(c) for c in caches]
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
