@@ -497,7 +497,7 @@ class Engine:
             try:
                 deliver(data, addr)
             except BaseException as exc:
-                self._port._handler_failed(exc)
+                self._handler_failed(exc)
             if self._close_pending:
                 break
         return sum(lens)
@@ -524,7 +524,7 @@ class Engine:
                         deliver(data, addr)
                         stats.observe_ns(clock() - t0)  # failures are not timed
                 except BaseException as exc:
-                    self._port._handler_failed(exc)
+                    self._handler_failed(exc)
                 if self._close_pending:
                     break
         finally:
@@ -532,6 +532,14 @@ class Engine:
             stats.rx_datagrams += delivered
             stats.rx_bytes += sum(lens[:delivered])
         return sum(lens)
+
+    def _handler_failed(self, exc: BaseException) -> None:
+        """Let the port count and log what the protocol raised. Never raises:
+        an exception out of read() would make the reactor drop the port."""
+        try:
+            self._port._handler_failed(exc)
+        except Exception as failure:
+            sys.unraisablehook(_unraisable(failure, self._port))
 
     def _sender(self, name: bytes) -> Any:
         """(host, port) for a sockaddr, as Python's recvfrom gives it (IPv6 as a
@@ -590,7 +598,7 @@ class _Unraisable:
         self.exc_type = type(exc)
         self.exc_value = exc
         self.exc_traceback = exc.__traceback__
-        self.err_msg = "Exception ignored while reporting a send error"
+        self.err_msg = "Exception ignored while reporting a data path error"
         self.object = obj
 
 
