@@ -294,20 +294,12 @@ class Engine:
             self._flush()
 
     def _send_now(self, datagram: bytes, addr: Any) -> None:
-        """Outside a batch: send now; errors go to the port's stock mapping."""
-        sock = self._sock
-        try:
-            if addr is None:
-                sock.send(datagram, _MSG_DONTWAIT)
-            else:
-                sock.sendto(datagram, _MSG_DONTWAIT, addr)
-        except OSError as exc:
-            self._port._send_failed(exc, datagram, addr)  # counts tx_errors itself
-            return
-        stats = self._stats
-        if stats is not None:
-            stats.tx_datagrams += 1
-            stats.tx_bytes += len(datagram)
+        """Outside a batch (or connected): the port sends it now, mapping
+        errors as stock Twisted does."""
+        if addr is None:
+            self._port._send_connected(datagram, None)
+        else:
+            self._port._sendto(datagram, addr)
 
     def _slow_write(self, datagram: Any, addr: Any) -> None:
         """First write to a destination, or any odd case: stock checks, sent now."""
