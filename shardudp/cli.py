@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, config, control
+from . import __version__, config, control, datapaths
 from .errors import ConfigError, ExitCode, StartupError
 
 log = logging.getLogger("shardudp")
@@ -276,6 +276,10 @@ def check_host(cfg: config.ServerConfig) -> None:
     path = control.resolve_path(cfg.control)
     if path is not None and (why := control.path_problem(path)):
         errors.append(f"{cfg.label('control')}: {why}")
+    try:
+        datapaths.resolve(cfg.datapath)
+    except RuntimeError as exc:
+        errors.append(f"{cfg.label('datapath')}: {exc}")
     if errors:
         raise ConfigError(errors)
 

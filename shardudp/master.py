@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import logs, notify, sockets, supervision, wire
+from . import datapaths, logs, notify, sockets, supervision, wire
 from .config import ServerConfig
 from .errors import ConfigError, ExitCode, StartupError, WireError
 from .socketset import SlotSocket, SocketSet, kind_of
@@ -59,6 +59,15 @@ def preload_worker_modules() -> None:
     import twisted.logger  # noqa: F401
 
     from . import port, reactor  # noqa: F401
+
+
+def _datapath_shown(datapath: str) -> str:
+    """What the log says of --datapath: ``auto`` names what it chose here."""
+    try:
+        chosen = datapaths.resolve(datapath)
+    except (RuntimeError, ValueError) as exc:  # check_host refused it already
+        return f"{datapath}: {exc}"
+    return f"auto = {chosen}" if datapath == "auto" else chosen
 
 
 class Master:
@@ -136,8 +145,9 @@ class Master:
             supervision.Policy(self.cfg.timeout, self.cfg.graceful_timeout,
                                self.cfg.backoff_max),
             now)
-        log.info("shardudp master pid=%d starting %d workers for %s", self.pid, self.cfg.workers,
-                 ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners))
+        log.info("shardudp master pid=%d starting %d workers for %s (datapath %s)", self.pid,
+                 self.cfg.workers, ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners),
+                 _datapath_shown(self.cfg.datapath))
         try:
             self.before_spawn()
             self.apply(self.sup.start())

@@ -48,21 +48,13 @@ from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shardudp import _pybatch
+from shardudp import _pybatch, datapaths
 from shardudp.config import parse_ip
 from shardudp.errors import StartupError
 from shardudp.sockets import ifindex_of
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
 
-try:
-    from shardudp import _batchio  # type: ignore[attr-defined, unused-ignore]
-except ImportError as _exc:  # no compiler at install time, or not Linux
-    _batchio = None
-    _BATCHIO_MISSING = f"shardudp._batchio could not be imported ({_exc})"
-else:
-    _BATCHIO_MISSING = ""
-
-HAVE_C_BATCHIO: Final = _batchio is not None
+HAVE_C_BATCHIO: Final = datapaths.C_ENGINE is not None
 HAVE_PY_BATCHIO: Final = _pybatch.AVAILABLE
 
 __all__ = [
@@ -770,9 +762,9 @@ class CShardPort(_BatchShardPort):
     datapath = "c"
 
     def _engine_type(self) -> Any:
-        if _batchio is None:
-            raise RuntimeError(f"the C datapath is unavailable: {_BATCHIO_MISSING}")
-        return _batchio.Engine
+        if datapaths.C_ENGINE is None:
+            raise RuntimeError(f"the C datapath is unavailable: {datapaths.missing()['c']}")
+        return datapaths.C_ENGINE
 
 
 class PythonShardPort(_BatchShardPort):
@@ -792,23 +784,9 @@ _CLASSES: Final[dict[str, type[ShardPort]]] = {
     "python-loop": PythonLoopShardPort,
     "twisted": TwistedShardPort,
 }
-DATAPATHS: Final = ("auto", *_CLASSES)
+DATAPATHS: Final = ("auto", *datapaths.NAMES)
 
 
 def port_class(datapath: str) -> type[ShardPort]:
-    """The port class for a ``--datapath`` value (see DATAPATHS)."""
-    if datapath == "auto":
-        if HAVE_C_BATCHIO:
-            return CShardPort
-        return PythonShardPort if HAVE_PY_BATCHIO else PythonLoopShardPort
-    if datapath == "c" and not HAVE_C_BATCHIO:
-        raise RuntimeError(f"--datapath c is unavailable: {_BATCHIO_MISSING}")
-    if datapath == "python" and not HAVE_PY_BATCHIO:
-        raise RuntimeError(f"--datapath python is unavailable: {_pybatch.MISSING}; "
-                           "--datapath python-loop needs no recvmmsg")
-    try:
-        return _CLASSES[datapath]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown datapath {datapath!r}; expected one of {', '.join(DATAPATHS)}"
-        ) from None
+    """The port class for a ``--datapath`` value (see ``datapaths.resolve``)."""
+    return _CLASSES[datapaths.resolve(datapath)]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Flows, Server, child_env, free_port, run_cli
+from harness import ROOT, Flows, Server, child_env, free_port, run_cli, serving
 
 
 def shardudp(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
@@ -395,6 +395,34 @@ def test_check_never_imports_twisted_itself() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, env=env, stdin=subprocess.DEVNULL)
     assert res.stdout.splitlines()[-1] == "0 []", (res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize(("datapath", "needle"), [
+    ("c", "--datapath: c cannot run here: no compiler at install time"),
+    ("python", "--datapath: python cannot run here: no recvmmsg here; "
+               "python-loop needs no recvmmsg"),
+])
+def test_a_datapath_this_host_cannot_run_is_refused_before_anything_starts(
+    datapath: str, needle: str
+) -> None:
+    """As on a host where the extension was not built (or libc lacks recvmmsg)."""
+    code = ("import sys\nfrom shardudp import cli, datapaths, _pybatch\n"
+            "datapaths._C_MISSING = 'no compiler at install time'\n"
+            "_pybatch.MISSING = 'no recvmmsg here'\n"
+            f"sys.exit(cli.main(['check', 'workers.echo:Echo', '--bind', '127.0.0.1:9', "
+            f"'--datapath', {datapath!r}]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SHARDUDP_CONTROL="none")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stderr.splitlines() == [f"shardudp: error: {needle}"], res.stderr
+
+
+def test_the_start_line_names_the_datapath_auto_chose() -> None:
+    from shardudp import datapaths
+
+    with serving("workers.echo:Echo", workers=1) as (srv, _):
+        assert f"(datapath auto = {datapaths.resolve('auto')})" in srv.log
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")

@@ -13,6 +13,7 @@ from twisted.internet import error
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import DatagramProtocol
 
+from shardudp import datapaths
 from shardudp import port as port_mod
 from shardudp.port import (
     HAVE_C_BATCHIO,
@@ -38,20 +39,20 @@ def test_port_class_selects_each_datapath() -> None:
 
 
 def test_port_class_c_names_why_it_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(port_mod, "HAVE_C_BATCHIO", False)
-    monkeypatch.setattr(port_mod, "_BATCHIO_MISSING", "no compiler at install time")
+    monkeypatch.setattr(datapaths, "_C_MISSING", "no compiler at install time")
     with pytest.raises(RuntimeError, match="no compiler at install time"):
         port_class("c")
     assert port_class("auto") is PythonShardPort
+    assert datapaths.resolve("auto") == "python"
 
 
 def test_without_recvmmsg_auto_falls_back_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(port_mod, "HAVE_C_BATCHIO", False)
-    monkeypatch.setattr(port_mod, "HAVE_PY_BATCHIO", False)
-    monkeypatch.setattr(port_mod._pybatch, "MISSING", "the C library has no recvmmsg")
+    monkeypatch.setattr(datapaths, "_C_MISSING", "no compiler at install time")
+    monkeypatch.setattr(datapaths._pybatch, "MISSING", "the C library has no recvmmsg")
     with pytest.raises(RuntimeError, match=r"no recvmmsg.*python-loop"):
         port_class("python")
     assert port_class("auto") is PythonLoopShardPort
+    assert set(datapaths.missing()) == {"c", "python"}
 
 
 @pytest.mark.parametrize("bad", ["fast", "", "C", None, 3])
