@@ -118,6 +118,9 @@ class ExportView:
     kernel: Callable[[], sockstats.KernelStats] | None = None
     build: BuildInfo = field(default_factory=build_info)
     counting: bool = True
+    # (--datapath as configured, what the workers run): which port the data
+    # path is on, so a deploy that fell back to a slower one can be alerted on.
+    datapath: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         # Copy what the master handed in: it may keep mutating its own dict
@@ -201,6 +204,12 @@ class ShardCollector:
         )
         info.add_metric((view.build.version, view.build.python, view.build.twisted), 1)
         yield info
+        if view.datapath is not None:
+            dp = _gauge("shardudp_datapath_info",
+                        "The workers' UDP data path; the value is always 1.",
+                        ("datapath", "configured"))
+            dp.add_metric((view.datapath[1], view.datapath[0]), 1)
+            yield dp
 
     @staticmethod
     def _slots(view: ExportView) -> list[int]:

@@ -93,6 +93,10 @@ def test_counters_equal_what_was_sent_and_split_by_worker() -> None:
         assert final["shardudp_worker_up"] == {(("slot", s),): 1.0 for s in ("0", "1", "2")}
         (info,) = final["shardudp_build_info"]
         assert dict(info)["version"]
+        from shardudp import datapaths
+
+        assert final["shardudp_datapath_info"] == {
+            (("configured", "auto"), ("datapath", datapaths.resolve("auto"))): 1.0}
 
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -194,6 +194,7 @@ def test_workers_restarts_age_build_and_processes(served: tuple[str, LatestView,
         (("slot", "0"),): 10.0,
         (("slot", "1"),): 9.0,
     }
+    assert "shardudp_datapath_info" not in fams  # the view did not say
     (build,) = fams["shardudp_build_info"].samples
     assert build.value == 1.0
     assert build.labels["twisted"] == metadata.version("twisted")
@@ -324,6 +325,13 @@ def test_closed_socket_and_dead_pid_are_skipped(udp: socket.socket) -> None:
     assert values(fams["shardudp_datagrams_received"], "shardudp_datagrams_received_total") == {
         (("listener", "echo"), ("slot", "0")): 0.0
     }
+
+
+def test_the_datapath_is_exported_with_what_was_configured() -> None:
+    view = ExportView(datapath=("auto", "python"))
+    fams = {m.name: m for m in ShardCollector(lambda: view).collect()}
+    assert values(fams["shardudp_datapath_info"]) == {
+        (("configured", "auto"), ("datapath", "python")): 1.0}
 
 
 def test_kernel_stats_are_exported_as_the_source_says() -> None:
