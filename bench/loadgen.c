@@ -174,27 +174,26 @@ static void parse_args(struct options *o, int argc, char **argv) {
     }
 }
 
+__attribute__((noreturn)) static void refuse_non_loopback(const char *host) {
+    fprintf(stderr, "loadgen: refusing non-loopback target %s (only 127.0.0.0/8 or ::1)\n", host);
+    exit(2);
+}
+
 /* Resolve the target and refuse anything that is not loopback. */
 static socklen_t loopback_addr(const struct options *o, struct sockaddr_storage *ss) {
     memset(ss, 0, sizeof *ss);
     struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
     struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
     if (inet_pton(AF_INET, o->host, &s4->sin_addr) == 1) {
-        if ((ntohl(s4->sin_addr.s_addr) >> 24) != 127) {
-            fprintf(stderr, "loadgen: refusing non-loopback target %s (only 127.0.0.0/8 or ::1)\n",
-                    o->host);
-            exit(2);
-        }
+        if ((ntohl(s4->sin_addr.s_addr) >> 24) != 127)
+            refuse_non_loopback(o->host);
         s4->sin_family = AF_INET;
         s4->sin_port = htons((uint16_t)o->port);
         return sizeof *s4;
     }
     if (inet_pton(AF_INET6, o->host, &s6->sin6_addr) == 1) {
-        if (!IN6_IS_ADDR_LOOPBACK(&s6->sin6_addr)) {
-            fprintf(stderr, "loadgen: refusing non-loopback target %s (only 127.0.0.0/8 or ::1)\n",
-                    o->host);
-            exit(2);
-        }
+        if (!IN6_IS_ADDR_LOOPBACK(&s6->sin6_addr))
+            refuse_non_loopback(o->host);
         s6->sin6_family = AF_INET6;
         s6->sin6_port = htons((uint16_t)o->port);
         return sizeof *s6;

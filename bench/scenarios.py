@@ -220,6 +220,16 @@ def _datapath_mode(ctx: Context, mode: str) -> list[Row]:
 DATAPATH_REPS_FACTOR = 3
 
 
+def _pair_ratios(this: Sequence[Sample], ref: Sequence[Sample]) -> tuple[list[float], list[float]]:
+    """Per repetition: this pps / ref pps, and ref CPU per datagram / this one
+    (>1 = this is cheaper); pairs missing a measurement are left out."""
+    pairs = list(zip(this, ref, strict=False))
+    pps = [a.pps / b.pps for a, b in pairs if b.pps]
+    cpu = [b.cpu_us_per_dgram / a.cpu_us_per_dgram for a, b in pairs
+           if a.cpu_us_per_dgram and b.cpu_us_per_dgram]
+    return pps, cpu
+
+
 def _paired_ratios(this: Sequence[Sample], ref: Sequence[Sample], suffix: str) -> Row:
     """This server against a reference, as medians of per-repetition ratios.
 
@@ -228,11 +238,8 @@ def _paired_ratios(this: Sequence[Sample], ref: Sequence[Sample], suffix: str) -
     of two medians taken over the whole run does not cancel it. The range of
     the per-repetition ratios goes with each median.
     """
-    pairs = list(zip(this, ref, strict=False))
-    pps = [a.pps / b.pps for a, b in pairs if b.pps]
-    cpu = [b.cpu_us_per_dgram / a.cpu_us_per_dgram for a, b in pairs
-           if a.cpu_us_per_dgram and b.cpu_us_per_dgram]
-    out: Row = {f"ratio_pairs_vs_{suffix}": len(pairs)}
+    pps, cpu = _pair_ratios(this, ref)
+    out: Row = {f"ratio_pairs_vs_{suffix}": min(len(this), len(ref))}
     for key, values in ((f"ratio_vs_{suffix}", pps), (f"cpu_ratio_vs_{suffix}", cpu)):
         if values:
             out[key] = statistics.median(values)
@@ -296,14 +303,12 @@ def metrics(ctx: Context) -> list[Row]:
     rows = [_row(ctx, {"config": label}, label, load, samples, errors) for label in configs]
     on, off = rows
     if "pps" in on and "pps" in off:
-        pairs = list(zip(*(samples[(label, load)] for label in configs), strict=False))
-        pps = [a.pps / b.pps for a, b in pairs if b.pps]
-        cpu = [a.cpu_us_per_dgram / b.cpu_us_per_dgram for a, b in pairs
-               if a.cpu_us_per_dgram and b.cpu_us_per_dgram]
+        on_s, off_s = (samples[(label, load)] for label in configs)
+        pps, cheaper = _pair_ratios(on_s, off_s)
         # Positive = metrics cost that much; pps is noisier than CPU/dgram.
         on["overhead_pps"] = 1 - statistics.median(pps) if pps else None
-        on["overhead_cpu"] = statistics.median(cpu) - 1 if cpu else None
-        on["overhead_pairs"] = len(pairs)
+        on["overhead_cpu"] = statistics.median([1 / c for c in cheaper]) - 1 if cheaper else None
+        on["overhead_pairs"] = min(len(on_s), len(off_s))
     return rows
 
 

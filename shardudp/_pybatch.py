@@ -45,7 +45,9 @@ _RX_CACHE_SIZE: Final = 4096
 # average) go out in one sendmmsg per batch; larger ones take a few.
 _ARENA_PER_SLOT: Final = 2048
 _ARENA_MIN: Final = 2 * 65536
-_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+#: Send failures that UDP semantics turn into a silent drop (a full buffer):
+#: the datagram is lost, the handler goes on. Shared with port.py.
+DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _MAX_PAYLOAD_V4: Final = 65507
 # What write() compares addr with outside a batch: nothing a caller can pass.
 _NO_SENDER: Final = object()
@@ -364,9 +366,8 @@ class Engine:
                     self._stats.tx_errors += n - stop
                 break
             start, base = stop, ends[stop - 1]
-        if errs:
-            for err in errs:
-                self._async_send_error(err)
+        for err in errs:
+            self._async_send_error(err)
 
     def _send_packed(self, count: int, lens: list[int], first: int, errs: list[int]) -> bool:
         """sendmmsg the `count` messages in place; False when the buffer is full."""
@@ -384,7 +385,7 @@ class Engine:
             if err == errno.EINTR and retries < _EINTR_RETRIES:
                 retries += 1
                 continue
-            if err in _DROP_ERRNOS:
+            if err in DROP_ERRNOS:
                 # The buffer is full: the rest would fail the same way.
                 if stats is not None:
                     stats.tx_errors += count - i
@@ -394,11 +395,10 @@ class Engine:
         return True
 
     def _async_send_error(self, err: int) -> None:
-        """A queued datagram failed after its write() returned. Never raises."""
+        """A queued datagram failed on its own after its write() returned
+        (full buffers never get here: _send_packed drops those). Never raises."""
         if self._stats is not None:
             self._stats.tx_errors += 1
-        if err in _DROP_ERRNOS:
-            return  # a full buffer: UDP drops, silently
         port = self._port
         if port is None:
             return
@@ -409,7 +409,7 @@ class Engine:
                 return
             port._async_send_failed(OSError(err, os.strerror(err)))
         except Exception as exc:  # the reporting itself failed: never the data path
-            sys.unraisablehook(_unraisable(exc, port))
+            _write_unraisable(exc, port)
 
     # -- reading -------------------------------------------------------------
 
@@ -499,15 +499,13 @@ class Engine:
     ) -> int:
         lens, datas, addrs, names = self._unpack(n)
         mask = self._sample_mask
-        seq = self._rx_seq
+        seq = first = self._rx_seq
         clock = time.perf_counter_ns
-        delivered = 0
         try:
             for data, addr, name in zip(datas, addrs, names, strict=False):
                 self._cur = addr
                 self._cur_name = name
                 seq += 1
-                delivered += 1
                 try:
                     if seq & mask:
                         deliver(data, addr)
@@ -521,8 +519,8 @@ class Engine:
                     break
         finally:
             self._rx_seq = seq
-            stats.rx_datagrams += delivered
-            stats.rx_bytes += sum(lens[:delivered])
+            stats.rx_datagrams += seq - first
+            stats.rx_bytes += sum(lens[:seq - first])
         return sum(lens)
 
     def _handler_failed(self, exc: BaseException) -> None:
@@ -531,7 +529,7 @@ class Engine:
         try:
             self._port._handler_failed(exc)
         except Exception as failure:
-            sys.unraisablehook(_unraisable(failure, self._port))
+            _write_unraisable(failure, self._port)
 
     def _sender(self, name: bytes) -> Any:
         """(host, port) for a sockaddr, as Python's recvfrom gives it (IPv6 as a
@@ -556,7 +554,6 @@ class Engine:
         if self._qdata:
             self._flush()  # queued before connect(): sent to their own addresses
         self._connected = addr is not None
-        self._cur = _NO_SENDER
         self._tx_cache.clear()
 
     def close(self) -> None:
@@ -586,13 +583,16 @@ class Engine:
 
 
 class _Unraisable:
+    """The argument sys.unraisablehook takes (its own type cannot be built)."""
+
     def __init__(self, exc: BaseException, obj: object) -> None:
-        self.exc_type = type(exc)
-        self.exc_value = exc
+        self.exc_type: type[BaseException] = type(exc)
+        self.exc_value: BaseException | None = exc
         self.exc_traceback = exc.__traceback__
-        self.err_msg = "Exception ignored while reporting a data path error"
+        self.err_msg: str | None = "Exception ignored while reporting a data path error"
         self.object = obj
 
 
-def _unraisable(exc: BaseException, obj: object) -> Any:
-    return _Unraisable(exc, obj)
+def _write_unraisable(exc: BaseException, obj: object) -> None:
+    """What PyErr_WriteUnraisable does for the C engine: report, never raise."""
+    sys.unraisablehook(_Unraisable(exc, obj))

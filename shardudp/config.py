@@ -215,6 +215,10 @@ class Setting:
         return env_of(self.key)
 
 
+#: The worker data paths (shardudp.datapaths says which run here); ``auto``
+#: takes the first of c, python, python-loop that does.
+DATAPATHS: Final = ("c", "python", "python-loop", "twisted")
+
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("workers", "server", _workers, "auto",
             "Worker processes (slots), or 'auto' for the number of usable CPUs.", "N|auto"),
@@ -229,11 +233,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "(port 0 picks one and logs it).", "HOST:PORT"),
     Setting("metrics_interval", "server", _float(0.0, 3600), 1.0,
             "How often workers report counters; 0 turns counting off.", "SECONDS"),
-    Setting("datapath", "server", _choice("auto", "c", "python", "python-loop", "twisted"),
-            "auto",
+    Setting("datapath", "server", _choice("auto", *DATAPATHS), "auto",
             "Worker UDP port: batches via the C helper or via ctypes (python), one "
             "recvfrom per datagram (python-loop), or stock Twisted.",
-            "auto|c|python|python-loop|twisted"),
+            "|".join(("auto", *DATAPATHS))),
     Setting("log_level", "server", _choice("debug", "info", "warning", "error"), "info",
             "Log level of the master and the workers.", "LEVEL"),
     Setting("log_file", "server", _str, None,

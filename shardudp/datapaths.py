@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Final
 
 from shardudp import _pybatch
+from shardudp.config import DATAPATHS as NAMES
 
-__all__ = ["C_ENGINE", "NAMES", "missing", "resolve"]
+__all__ = ["C_ENGINE", "NAMES", "engine", "missing", "resolve"]
 
 try:
     from shardudp import _batchio  # type: ignore[attr-defined, unused-ignore]
@@ -23,8 +24,6 @@ else:
 
 #: The C engine type, or None where the extension was not built.
 C_ENGINE: Final[Any] = None if _batchio is None else _batchio.Engine
-#: Every concrete data path; ``auto`` takes the first three in this order.
-NAMES: Final = ("c", "python", "python-loop", "twisted")
 
 
 def missing() -> dict[str, str]:
@@ -49,3 +48,9 @@ def resolve(datapath: str) -> str:
         hint = "; python-loop needs no recvmmsg" if datapath == "python" else ""
         raise RuntimeError(f"{datapath} cannot run here: {gone[datapath]}{hint}")
     return datapath
+
+
+def engine(datapath: str) -> Any:
+    """The batch engine type of ``c`` or ``python``; RuntimeError if it cannot run here."""
+    resolve(datapath)
+    return {"c": C_ENGINE, "python": _pybatch.Engine}[datapath]

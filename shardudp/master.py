@@ -61,18 +61,16 @@ def preload_worker_modules() -> None:
     from . import port, reactor  # noqa: F401
 
 
-def _datapath_shown(datapath: str) -> str:
-    """What the log says of --datapath: ``auto`` names what it chose here."""
-    try:
-        chosen = datapaths.resolve(datapath)
-    except (RuntimeError, ValueError) as exc:  # check_host refused it already
-        return f"{datapath}: {exc}"
-    return f"auto = {chosen}" if datapath == "auto" else chosen
-
-
 class Master:
     def __init__(self, cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        #: What --datapath means on this host (``auto`` resolved); None for one
+        #: that cannot run here, which check_host refuses before a master exists.
+        self.datapath: str | None
+        try:
+            self.datapath = datapaths.resolve(cfg.datapath)
+        except (RuntimeError, ValueError):
+            self.datapath = None
         self.clock = clock
         self.sockets = SocketSet(cfg.listeners)
         self.children: dict[int, Child] = {}
@@ -147,7 +145,7 @@ class Master:
             now)
         log.info("shardudp master pid=%d starting %d workers for %s (datapath %s)", self.pid,
                  self.cfg.workers, ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners),
-                 _datapath_shown(self.cfg.datapath))
+                 f"auto = {self.datapath}" if self.cfg.datapath == "auto" else self.cfg.datapath)
         try:
             self.before_spawn()
             self.apply(self.sup.start())
@@ -457,7 +455,8 @@ class Master:
             spec = worker.WorkerSpec(
                 slot=slot, incarnation=incarnation, master_pid=self.pid,
                 read_fd=read_fd, write_fd=write_fd, sockets=own,
-                datapath=self.cfg.datapath, metrics_interval=self.cfg.metrics_interval,
+                datapath=self.datapath or self.cfg.datapath,
+                metrics_interval=self.cfg.metrics_interval,
                 heartbeat_interval=min(1.0, self.cfg.timeout / 4),
                 graceful_timeout=self.cfg.graceful_timeout, run_as=self.run_as)
             code = worker.run(spec)

@@ -48,18 +48,17 @@ from twisted.internet.udp import MulticastPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shardudp import _pybatch, datapaths
+from shardudp import datapaths
+from shardudp._pybatch import DROP_ERRNOS
 from shardudp.config import parse_ip
 from shardudp.errors import StartupError
 from shardudp.sockets import ifindex_of
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
 
 HAVE_C_BATCHIO: Final = datapaths.C_ENGINE is not None
-HAVE_PY_BATCHIO: Final = _pybatch.AVAILABLE
 
 __all__ = [
     "HAVE_C_BATCHIO",
-    "HAVE_PY_BATCHIO",
     "CShardPort",
     "PythonLoopShardPort",
     "PythonShardPort",
@@ -79,9 +78,6 @@ _StockPort: Any = MulticastPort
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
 _SAMPLE_MASK: Final = SAMPLE_EVERY - 1
-# Send failures that UDP semantics turn into a silent drop: the datagram is
-# lost, the handler goes on.
-_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 DEFAULT_MAX_PACKET_SIZE: Final = 65535
 
 
@@ -332,7 +328,7 @@ class ShardPort(MulticastPort):
         if stats is not None:
             stats.tx_errors += 1
         no = exc.errno
-        if no in _DROP_ERRNOS:
+        if no in DROP_ERRNOS:
             return
         if no == errno.EMSGSIZE:
             raise _MessageLengthError("message too long") from exc
@@ -708,11 +704,8 @@ class _BatchShardPort(ShardPort):
 
     _engine: Any
 
-    def _engine_type(self) -> Any:
-        raise NotImplementedError
-
     def _adopted(self) -> None:
-        self._engine = self._engine_type()(
+        self._engine = datapaths.engine(self.datapath)(
             self._sock.fileno(),
             int(self.addressFamily),
             self,
@@ -761,30 +754,17 @@ class CShardPort(_BatchShardPort):
 
     datapath = "c"
 
-    def _engine_type(self) -> Any:
-        if datapaths.C_ENGINE is None:
-            raise RuntimeError(f"the C datapath is unavailable: {datapaths.missing()['c']}")
-        return datapaths.C_ENGINE
-
 
 class PythonShardPort(_BatchShardPort):
     """The same batches with nothing compiled: ``recvmmsg``/``sendmmsg`` via ctypes."""
 
     datapath = "python"
 
-    def _engine_type(self) -> Any:
-        if not _pybatch.AVAILABLE:
-            raise RuntimeError(f"the python datapath is unavailable: {_pybatch.MISSING}")
-        return _pybatch.Engine
-
 
 _CLASSES: Final[dict[str, type[ShardPort]]] = {
-    "c": CShardPort,
-    "python": PythonShardPort,
-    "python-loop": PythonLoopShardPort,
-    "twisted": TwistedShardPort,
+    cls.datapath: cls
+    for cls in (CShardPort, PythonShardPort, PythonLoopShardPort, TwistedShardPort)
 }
-DATAPATHS: Final = ("auto", *datapaths.NAMES)
 
 
 def port_class(datapath: str) -> type[ShardPort]:

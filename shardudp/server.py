@@ -16,7 +16,7 @@ import pwd
 from pathlib import Path
 from typing import Any, Final
 
-from . import control, datapaths, logs, supervision, wire
+from . import control, logs, supervision, wire
 from .config import BY_KEY, ServerConfig
 from .errors import ExitCode, StartupError, WireError
 from .exporter import ExportView, LatestView, MetricsServer, WorkerState, start_http
@@ -50,12 +50,6 @@ class Server(Master):
             collections.deque(maxlen=4)
         #: Slots whose READY worker has not been heard from for SILENT_AFTER.
         self._silent: frozenset[int] = frozenset()
-        try:
-            chosen = datapaths.resolve(cfg.datapath)
-        except (RuntimeError, ValueError):  # check_host refuses these before we get here
-            self._datapath: tuple[str, str] | None = None
-        else:
-            self._datapath = (cfg.datapath, chosen)
 
     # -- before binding
 
@@ -250,9 +244,10 @@ class Server(Master):
                     ready=w is not None and w.state is WState.READY,
                     silent=index in self._silent)
         socks = tuple((slot, ss.listener.name, ss.sock) for slot, ss in self.sockets.all_sockets())
+        dp = None if self.datapath is None else (self.cfg.datapath, self.datapath)
         self.view.view = ExportView(book=self.book.snapshot(), workers=workers, sockets=socks,
                                     master_pid=self.pid, kernel=self.sockets.kernel_stats,
-                                    counting=self.counting, datapath=self._datapath)
+                                    counting=self.counting, datapath=dp)
         self._dirty = False
 
 

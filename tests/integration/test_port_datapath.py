@@ -108,22 +108,25 @@ class Harness:
         shared: bool = True,
         rcvbuf: int = 0,
         host: str = "",
+        max_packet_size: int = 65535,
     ) -> tuple[ShardPort, socket.socket]:
         m = self.master(family, rcvbuf, host)
-        port = port_class(datapath).adopt(m, proto, self.reactor, stats=stats, shared=shared)
+        port = port_class(datapath).adopt(m, proto, self.reactor, stats=stats, shared=shared,
+                                          max_packet_size=max_packet_size)
         port.startListening()
         self.ports.append(port)
         return port, m
 
     def serve_stock(
-        self, proto: DatagramProtocol, family: int = socket.AF_INET, host: str = ""
+        self, proto: DatagramProtocol, family: int = socket.AF_INET, host: str = "",
+        max_packet_size: int = 65535,
     ) -> tuple[Any, socket.socket]:
         """Stock Twisted, adopted the way reactor.adoptDatagramPort does it."""
         m = self.master(family, host=host)
         m.setblocking(False)
         stock: Any = MulticastPort
         port = stock._fromListeningDescriptor(
-            self.reactor, m.fileno(), family, proto, maxPacketSize=65535
+            self.reactor, m.fileno(), family, proto, maxPacketSize=max_packet_size
         )
         port.startListening()
         self.ports.append(port)
@@ -224,17 +227,9 @@ def test_datagram_sizes_and_truncation_match_stock(
     for kind in ("stock", datapath):
         proto = Recorder(echo=False)
         if kind == "stock":
-            m = h.master()
-            m.setblocking(False)
-            stock: Any = MulticastPort
-            port = stock._fromListeningDescriptor(
-                h.reactor, m.fileno(), socket.AF_INET, proto, maxPacketSize=max_packet_size)
+            _, m = h.serve_stock(proto, max_packet_size=max_packet_size)
         else:
-            m = h.master()
-            port = port_class(datapath).adopt(m, proto, h.reactor,
-                                              max_packet_size=max_packet_size)
-        port.startListening()
-        h.ports.append(port)
+            _, m = h.serve(datapath, proto, max_packet_size=max_packet_size)
         c = h.client()
         for p in payloads:
             c.sendto(p, m.getsockname())
