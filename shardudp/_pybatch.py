@@ -33,6 +33,8 @@ from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, Final
 
+from shardudp.sockets import SEND_DROP_ERRNOS
+
 __all__ = ["AVAILABLE", "MISSING", "Engine"]
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
@@ -45,9 +47,6 @@ _RX_CACHE_SIZE: Final = 4096
 # average) go out in one sendmmsg per batch; larger ones take a few.
 _ARENA_PER_SLOT: Final = 2048
 _ARENA_MIN: Final = 2 * 65536
-#: Send failures that UDP semantics turn into a silent drop (a full buffer):
-#: the datagram is lost, the handler goes on. Shared with port.py.
-DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _MAX_PAYLOAD_V4: Final = 65507
 # What write() compares addr with outside a batch: nothing a caller can pass.
 _NO_SENDER: Final = object()
@@ -385,7 +384,7 @@ class Engine:
             if err == errno.EINTR and retries < _EINTR_RETRIES:
                 retries += 1
                 continue
-            if err in DROP_ERRNOS:
+            if err in SEND_DROP_ERRNOS:
                 # The buffer is full: the rest would fail the same way.
                 if stats is not None:
                     stats.tx_errors += count - i

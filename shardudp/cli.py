@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import grp
 import json
 import logging
 import os
-import pwd
 import select
 import signal
 import sys
@@ -19,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, config, control, datapaths
+from . import __version__, config, control, datapaths, process
 from .errors import ConfigError, ExitCode, StartupError
 
 log = logging.getLogger("shardudp")
@@ -72,6 +70,8 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: run, check, settings, ctl, status, health."""
+
     p = _Parser(prog="shardudp", description="Run Twisted DatagramProtocols on every core.")
     p.add_argument("--version", action="version", version=f"shardudp {__version__}")
     # Not required: a bare `shardudp` gets the whole help, not a one-line complaint.
@@ -165,6 +165,8 @@ def _health(st: dict[str, Any]) -> str:
 
 
 def format_status(st: dict[str, Any]) -> str:
+    """The table ``shardudp status`` prints from the control socket's status reply."""
+
     rows = [("SLOT", "PID", "STATE", "AGE", "RECEIVED", "SENT", "RATE/s", "DROPS", "HEARTBEAT")]
     for sl in st["slots"]:
         rows.append((str(sl["slot"]), _fmt(sl["pid"]), sl["state"] + (" (retiring)"
@@ -186,6 +188,8 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_ctl(args: argparse.Namespace, cmd: str) -> int:
+    """Send ``cmd`` to the running server's control socket and print its answer."""
+
     request: dict[str, object] = {"cmd": cmd}
     if cmd == "scale":
         if args.n is None:
@@ -220,6 +224,8 @@ def cmd_ctl(args: argparse.Namespace, cmd: str) -> int:
 
 
 def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), what ``workers = auto`` means."""
+
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -256,21 +262,7 @@ def load_config(args: argparse.Namespace,
 def check_host(cfg: config.ServerConfig) -> None:
     """What the pure config cannot know: this host's users, groups, directories, and who we
     are."""
-    errors = []
-    if (cfg.user is not None or cfg.group is not None) and os.geteuid() != 0:
-        key = "user" if cfg.user is not None else "group"
-        errors.append(f"{cfg.label(key)}: only a master started as root can run its workers "
-                      f"as another user or group (this runs as uid {os.geteuid()})")
-    if cfg.user is not None:
-        try:
-            pwd.getpwnam(cfg.user)
-        except KeyError:
-            errors.append(f"{cfg.label('user')}: no such user {cfg.user!r}")
-    if cfg.group is not None:
-        try:
-            grp.getgrnam(cfg.group)
-        except KeyError:
-            errors.append(f"{cfg.label('group')}: no such group {cfg.group!r}")
+    errors = process.user_problems(cfg.user, cfg.group, cfg.label)[1]
     if cfg.log_file is not None and (why := _cannot_append(Path(cfg.log_file))):
         errors.append(f"{cfg.label('log_file')}: {why}")
     path = control.resolve_path(cfg.control)
@@ -312,13 +304,14 @@ def _apps_import_from_cwd() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``shardudp run``: build the standard server and run it until it stops."""
+
     cfg = load_config(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return ExitCode.OK
     _apps_import_from_cwd()
-    from . import logs
-    from .server import Server
+    from . import logs, server
 
     try:
         logs.setup_master(cfg.log_level, cfg.log_file)
@@ -326,10 +319,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         # check_host saw it fine: the file changed since, or access() was too kind.
         raise ConfigError(f"{cfg.label('log_file')}: cannot open {cfg.log_file}: "
                           f"{exc.strerror or exc}") from None
-    server = Server(cfg)
-    code = server.run()
-    if code != ExitCode.OK and server.exit_reason:
-        print(f"shardudp: error: {server.exit_reason}", file=sys.stderr)
+    master = server.build(cfg)
+    code = master.run()
+    # The log's writer thread may still hold lines: the exit line comes after them.
+    logs.flush(logs.EXIT_FLUSH_TIMEOUT)
+    if code != ExitCode.OK and master.exit_reason:
+        print(f"shardudp: error: {master.exit_reason}", file=sys.stderr)
     return code
 
 
@@ -343,13 +338,9 @@ def _load_apps_and_exit(apps: Sequence[str], run_as: tuple[int, int] | None,
         # As in a worker: our own code loads with our rights, the APP after dropping them.
         import twisted.internet.protocol  # noqa: F401
 
-        from .worker import AppError, load_app
+        from .apploader import AppError, load_app
 
-        if run_as is not None:
-            uid, gid = run_as
-            os.setgroups([gid])
-            os.setgid(gid)
-            os.setuid(uid)
+        process.drop_privileges(run_as)
         for app in apps:
             problem = ""
             try:
@@ -393,10 +384,8 @@ def check_apps(cfg: config.ServerConfig) -> list[str]:
     runs with rights the workers will not have. A child that takes longer than
     --timeout would have been killed as a worker too.
     """
-    from .server import resolve_user
-
     apps = sorted({lst.app for lst in cfg.listeners})
-    run_as = resolve_user(cfg.user, cfg.group)
+    run_as = process.lookup_user(cfg.user, cfg.group, cfg.label)
     _apps_import_from_cwd()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -430,6 +419,8 @@ def check_apps(cfg: config.ServerConfig) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``shardudp check``: validate the configuration and import the APPs, binding nothing."""
+
     cfg = load_config(args)
     problems = check_apps(cfg)
     for line in problems:
@@ -446,6 +437,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """``shardudp health``: exit 0 iff the server's /healthz answers 200."""
+
     addr, label = _lookup(args, "metrics")
     if addr is None:
         raise ConfigError("health: no metrics address: give --metrics HOST:PORT, or "
@@ -470,6 +463,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``shardudp`` command; returns the exit code (errors mapped to ``ExitCode``)."""
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -493,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_errors(exc)
         return ExitCode.USAGE
     except StartupError as exc:
+        from . import logs
+
+        logs.flush(logs.EXIT_FLUSH_TIMEOUT)
         print(f"shardudp: error: {exc}", file=sys.stderr)
         return ExitCode.ERROR
     except KeyboardInterrupt:

@@ -27,6 +27,8 @@ Scope = Literal["server", "listener", "multicast"]
 
 @dataclasses.dataclass(frozen=True)
 class Address:
+    """A listener or endpoint address: an IP literal and a port."""
+
     host: str
     port: int
 
@@ -122,6 +124,8 @@ _BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 
 
 def parse_ip(v: object) -> str:
+    """An IP literal in canonical form; ValueError for hostnames and IPv4-mapped IPv6."""
+
     s = _str(v)
     try:
         ip = ipaddress.ip_address(s)
@@ -186,15 +190,21 @@ def _local_address(v: object) -> Address:
 
 
 def flag_of(key: str) -> str:
+    """The command-line flag of setting ``key``."""
+
     return "--" + key.replace("_", "-")
 
 
 def env_of(key: str) -> str:
+    """The environment variable of setting ``key``."""
+
     return "SHARDUDP_" + key.upper()
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """The single declaration of one option: its TOML key, flag, variable, parser and docs."""
+
     key: str
     scope: Scope
     parse: Callable[[object], Any]
@@ -290,6 +300,8 @@ _MULTICAST_ONLY: Final = tuple(s.key for s in SETTINGS if s.scope == "multicast"
 
 @dataclasses.dataclass(frozen=True)
 class Listener:
+    """One validated listener: an address, its APP, and its socket and multicast settings."""
+
     name: str
     app: str
     address: Address
@@ -310,6 +322,8 @@ class Listener:
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
+    """The merged, validated configuration of a server (``build`` makes it; read-only)."""
+
     workers: int
     timeout: float
     graceful_timeout: float

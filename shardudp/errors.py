@@ -2,7 +2,9 @@
 
 Split as h11 does: ``ConfigError`` is the user's mistake (bad flags, bad
 file), ``WireError`` is the peer's (a worker or control client sent bytes we
-cannot accept). Anything else escaping is our own bug.
+cannot accept), ``BookkeepingError`` is ours (the master's own state says
+something impossible). Every error shardudp raises on purpose is a
+``ShardUDPError``; anything else escaping is a bug.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class ExitCode(enum.IntEnum):
     #: A worker could not boot the APP (import error, constructor raised).
     #: Restarting will not help, so the master halts instead of looping.
     BOOT = 3
+    #: The server stopped, but had to kill workers that did not stop in time
+    #: (past --graceful-timeout, or a second TERM/INT): their stopProtocol may
+    #: not have run and what they held was not drained.
+    FORCED = 4
 
 
 class ShardUDPError(Exception):
@@ -47,3 +53,15 @@ class WireError(ShardUDPError):
 
 class StartupError(ShardUDPError):
     """The master could not start: a port in use, a socket option refused."""
+
+
+class BookkeepingError(ShardUDPError):
+    """The master's own records contradict themselves: a bug in shardudp, not the peer's fault."""
+
+
+class ShardedSocketError(ShardUDPError, RuntimeError):
+    """An operation (``connect()``) that would take a shared socket out of its reuseport group.
+
+    Raised to the APP by the worker's transport; a ``RuntimeError`` as well,
+    as it always was.
+    """

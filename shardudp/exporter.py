@@ -1,10 +1,11 @@
-"""Prometheus exposition: a custom collector over the master's state, and its HTTP endpoint.
+"""Prometheus exposition: a custom collector over the master's state, and its HTTP routes.
 
-Threading model: the master's loop owns every mutable thing. It publishes an
-immutable ``ExportView`` by one attribute assignment (see ``LatestView``);
-the HTTP thread only ever reads whole views, so the master never takes a lock.
-Kernel socket stats and /proc are read at scrape time, here, so drops are
-counted even while a worker is down or stopped: the master holds the sockets.
+The master's loop owns every mutable thing. It publishes an immutable
+``ExportView`` by one attribute assignment (see ``LatestView``); a scrape
+only ever reads whole views. The routes are served by ``httpd.HttpEndpoint``
+from the master's own selector: no thread. Kernel socket stats and /proc are
+read at scrape time, here, so drops are counted even while a worker is down
+or stopped: the master holds the sockets.
 
 The master never imports twisted; neither does this module (its version comes
 from package metadata).
@@ -15,18 +16,15 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import selectors
 import socket
-import socketserver
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from types import MappingProxyType
 from typing import Final
-from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -39,6 +37,7 @@ from prometheus_client.metrics_core import (
 from shardudp import sockstats
 from shardudp.drops import SHARED
 from shardudp.errors import StartupError
+from shardudp.httpd import HttpEndpoint, Response, Route
 from shardudp.metrics import (
     RESTART_REASONS,
     ZERO,
@@ -55,6 +54,8 @@ _SL: Final = ("slot", "listener")
 
 @dataclass(frozen=True, slots=True)
 class BuildInfo:
+    """Versions exported as ``shardudp_build_info``."""
+
     version: str
     python: str
     twisted: str
@@ -81,7 +82,7 @@ def build_info() -> BuildInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerState:
+class SlotWorker:
     """What the master knows about the process currently serving one slot.
 
     ``last_report_at`` is on the collector's clock (``time.monotonic`` unless
@@ -112,7 +113,7 @@ class ExportView:
     """
 
     book: BookSnapshot = field(default_factory=BookSnapshot)
-    workers: Mapping[int, WorkerState] = field(default_factory=lambda: MappingProxyType({}))
+    workers: Mapping[int, SlotWorker] = field(default_factory=lambda: MappingProxyType({}))
     sockets: tuple[tuple[int, str, socket.socket], ...] = ()
     master_pid: int | None = None
     kernel: Callable[[], sockstats.KernelStats] | None = None
@@ -348,141 +349,52 @@ class ShardCollector:
         yield start
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """The /metrics and /healthz endpoint; ``close()`` stops it and joins its thread."""
-
-    daemon_threads = True
-    # The listen backlog (socketserver's default is 5): a burst of scrapers
-    # and probes must queue rather than see refused or dropped connections.
-    request_queue_size = 64
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        registry: CollectorRegistry,
-        source: Callable[[], ExportView],
-        healthy: Callable[[], bool],
-        family: socket.AddressFamily,
-    ) -> None:
-        self.address_family = family
-        self.registry = registry
-        self.source = source
-        self.healthy = healthy
-        self.thread: threading.Thread | None = None
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host with getfqdn(), a DNS
-        # lookup that can stall startup on a machine without a resolver.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self.thread is not None:
-            self.thread.join(timeout=5)
+#: A burst of scrapes (several Prometheus servers, a probe, an operator's
+#: curl) within this long costs one render on the master's loop.
+METRICS_MAX_AGE: Final = 0.5
+_TEXT: Final = "text/plain; charset=utf-8"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
-    protocol_version = "HTTP/1.0"
-
-    # A slow or stuck client must not pin a thread forever.
-    timeout = 10.0
-
-    def do_GET(self) -> None:
-        self._respond(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._respond(send_body=False)
-
-    def _respond(self, send_body: bool) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            try:
-                status, ctype, body = (
-                    200,
-                    CONTENT_TYPE_LATEST,
-                    generate_latest(self.server.registry),
-                )
-            except Exception:
-                log.exception("metrics scrape failed")
-                status, ctype, body = 500, "text/plain; charset=utf-8", b"scrape failed\n"
-        elif path == "/healthz":
-            status, body = self._health()
-            ctype = "text/plain; charset=utf-8"
-        else:
-            status, ctype = 404, "text/plain; charset=utf-8"
-            body = b"not found: try /metrics or /healthz\n"
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def _health(self) -> tuple[int, bytes]:
-        try:
-            ok = self.server.healthy()
-            view = self.server.source()
-            waiting, silent = view.not_ready(), view.silent()
-        except Exception:
-            log.exception("health check failed")
-            return 503, b"health check failed\n"
-        if ok:
-            return 200, b"ok\n"
-        problems = [f"slots {what}: {', '.join(map(str, slots))}"
-                    for what, slots in (("not ready", waiting), ("not responding", silent))
-                    if slots]
-        return 503, ("; ".join(problems) or "not ready").encode() + b"\n"
-
-    def log_message(self, format: str, *args: object) -> None:
-        # Prometheus scrapes every few seconds; one stderr line each is noise.
-        log.debug("%s " + format, self.address_string(), *args)
+def health_answer(source: Callable[[], ExportView], healthy: Callable[[], bool]) -> Response:
+    """/healthz: 200 when every slot has a READY, responsive worker; else 503 naming the slots."""
+    try:
+        ok = healthy()
+        view = source()
+        waiting, silent = view.not_ready(), view.silent()
+    except Exception:
+        log.exception("health check failed")
+        return Response(503, _TEXT, b"health check failed\n")
+    if ok:
+        return Response(200, _TEXT, b"ok\n")
+    problems = [f"slots {what}: {', '.join(map(str, slots))}"
+                for what, slots in (("not ready", waiting), ("not responding", silent))
+                if slots]
+    return Response(503, _TEXT, ("; ".join(problems) or "not ready").encode() + b"\n")
 
 
-def _parse_host(host: str) -> tuple[str, socket.AddressFamily]:
-    bare = host.strip()
-    if bare.startswith("[") and bare.endswith("]"):
-        bare = bare[1:-1]
-    if not bare:
-        raise StartupError("metrics host is empty; use e.g. 127.0.0.1 or [::1]")
-    return bare, socket.AF_INET6 if ":" in bare else socket.AF_INET
+def routes(source: Callable[[], ExportView], healthy: Callable[[], bool], *,
+           clock: Callable[[], float] = time.monotonic,
+           max_age: float = METRICS_MAX_AGE) -> dict[str, Route]:
+    """The endpoint's routes: /metrics (a render reused for ``max_age``) and /healthz (never
+    cached). ``clock`` ages worker reports (``shardudp_worker_last_report_age_seconds``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ShardCollector(source, clock))
+
+    def metrics() -> Response:
+        return Response(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+
+    return {"/metrics": Route(metrics, max_age=max_age),
+            "/healthz": Route(lambda: health_answer(source, healthy))}
 
 
-def start_http(
-    host: str,
-    port: int,
-    source: Callable[[], ExportView],
-    healthy: Callable[[], bool],
-    *,
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[MetricsServer, int]:
-    """Serve /metrics and /healthz from a daemon thread; port 0 picks a free port.
+def serve(host: str, port: int, paths: Mapping[str, Route], selector: selectors.BaseSelector,
+          *, clock: Callable[[], float] = time.monotonic) -> HttpEndpoint:
+    """Serve ``paths`` (see ``routes``) on ``host:port`` from ``selector`` (port 0 picks one).
 
-    Returns the server (call ``close()`` to stop) and the port actually bound.
     Raises StartupError naming the address if it cannot listen.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise StartupError(f"metrics port must be an integer 0-65535, got {port!r}")
-    bare, family = _parse_host(host)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ShardCollector(source, clock))
-    shown = f"[{bare}]:{port}" if family == socket.AF_INET6 else f"{bare}:{port}"
-    try:
-        server = MetricsServer((bare, port), registry, source, healthy, family)
-    except OSError as exc:
-        raise StartupError(f"cannot serve metrics on {shown}: {exc.strerror or exc}") from None
-    actual = int(server.server_address[1])
-    thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={"poll_interval": 0.2},
-        name="shardudp-metrics",
-        daemon=True,
-    )
-    server.thread = thread
-    thread.start()
-    return server, actual
+    if not host.strip().strip("[]"):
+        raise StartupError("metrics host is empty; use e.g. 127.0.0.1 or [::1]")
+    return HttpEndpoint(host.strip(), port, paths, selector, clock=clock)

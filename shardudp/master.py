@@ -1,10 +1,12 @@
 """The master: an I/O shell around the supervisor.
 
 Signal handlers only enqueue; the loop wakes on the signal fd, the worker
-pipes and the supervisor's next deadline, and carries out whatever the
-supervisor decides. The master preloads Twisted's modules (so a replacement
-worker boots fast) but never installs a reactor: each worker installs its
-own after fork.
+pipes, the services' sockets and the earliest deadline, and carries out
+whatever the supervisor decides. What hangs off the master (pid file,
+control socket, metrics, ...) is a list of ``services.Service``; nobody
+subclasses ``Master``. The master preloads Twisted's modules (so a
+replacement worker boots fast) but never installs a reactor: each worker
+installs its own after fork.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar, assert_never
 
-from . import datapaths, logs, notify, sockets, supervision, wire
+from . import datapaths, logs, process, sockets, supervision, wire
 from .config import ServerConfig
 from .errors import ConfigError, ExitCode, StartupError, WireError
+from .services import Service
 from .socketset import SlotSocket, SocketSet, kind_of
-from .supervision import Action
+from .supervision import Action, Sig
 
 log = logging.getLogger("shardudp.master")
 
@@ -35,8 +39,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.
            signal.SIGCHLD)
 
 
+_S = TypeVar("_S", bound=Service)
+
+#: What the supervisor's signal names mean to the kernel.
+_SIGNALS: Final = {Sig.TERM: signal.SIGTERM, Sig.KILL: signal.SIGKILL}
+
+
 @dataclasses.dataclass
 class Child:
+    """A forked worker as the master holds it: its pid and the two ends of its pipes."""
+
     pid: int
     slot: int
     incarnation: int
@@ -62,7 +74,15 @@ def preload_worker_modules() -> None:
 
 
 class Master:
-    def __init__(self, cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    """Holds every listener socket for its whole life, forks the workers, and carries
+    out the ``Supervisor``'s decisions; the services hang off it.
+
+    Built by ``server.build`` (the CLI's ``run``), which registers the standard
+    services; ``run()`` is called once and returns the exit code.
+    """
+
+    def __init__(self, cfg: ServerConfig, services: Sequence[Service] = (), *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         #: What --datapath means on this host (``auto`` resolved); None for one
         #: that cannot run here, which check_host refuses before a master exists.
@@ -79,10 +99,23 @@ class Master:
         self.exit_code: ExitCode | None = None
         self.exit_reason = ""
         self.pid = os.getpid()
-        self.hooks: list[Callable[[Action], None]] = []
+        self.started_at = self.clock()
+        #: (uid, gid) the workers run as (--user/--group), resolved by run().
         self.run_as: tuple[int, int] | None = None
         self.sup: supervision.Supervisor | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self.services: list[Service] = []
+        for service in services:
+            self.add_service(service)
+
+    def add_service(self, service: Service) -> None:
+        """Register ``service`` after those already there (its hooks run in that order)."""
+        service.attach(self)
+        self.services.append(service)
+
+    def service(self, kind: type[_S]) -> _S | None:
+        """The registered service of type ``kind``, if any."""
+        return next((s for s in self.services if isinstance(s, kind)), None)
 
     # -- startup
 
@@ -110,7 +143,8 @@ class Master:
         kinds = [kind_of(lst) for lst in self.cfg.listeners]
         need = supervision.fds_needed(self.cfg.workers,
                                       slot_sockets=sum(k != "single" for k in kinds),
-                                      shared_sockets=sum(k in ("single", "shard") for k in kinds))
+                                      shared_sockets=sum(k in ("single", "shard") for k in kinds),
+                                      services=sum(s.fds for s in self.services))
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             try:
@@ -125,8 +159,18 @@ class Master:
                               "systemd) or run fewer workers")
 
     def run(self) -> ExitCode:
+        try:
+            return self._run()
+        except BaseException:
+            # What preflight claimed (pid file, control socket), if the start failed.
+            self._close_services()
+            raise
+
+    def _run(self) -> ExitCode:
         self._fit_fd_limit()
-        self.preflight()
+        self.run_as = process.lookup_user(self.cfg.user, self.cfg.group, self.cfg.label)
+        for service in self.services:
+            service.preflight()
         try:
             preload_worker_modules()
         except OSError as exc:  # e.g. no file descriptor left to read a module
@@ -147,28 +191,24 @@ class Master:
                  self.cfg.workers, ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners),
                  f"auto = {self.datapath}" if self.cfg.datapath == "auto" else self.cfg.datapath)
         try:
-            self.before_spawn()
+            for service in self.services:
+                service.started()
             self.apply(self.sup.start())
             while self.exit_code is None:
                 self._loop_once()
-                self.after_loop()
+                now = self.clock()
+                for service in self.services:
+                    service.after_turn(now)
         finally:
             self._cleanup()
         return self.exit_code
 
-    # Extension points for what hangs off the master (see server.py).
-
-    def preflight(self) -> None:
-        """Checks before anything is bound; raise StartupError to refuse."""
-
-    def before_spawn(self) -> None:
-        """Sockets are bound, no worker exists yet."""
-
-    def after_loop(self) -> None:
-        """Once per loop iteration, after events and deadlines were handled."""
-
-    def before_close(self) -> None:
-        """Every worker is gone; the sockets are about to be closed."""
+    def _close_services(self) -> None:
+        for service in self.services:
+            try:
+                service.close()
+            except Exception:
+                log.exception("closing %s failed", type(service).__name__)
 
     def _install_signals(self) -> None:
         self._wake_r.setblocking(False)
@@ -183,10 +223,16 @@ class Master:
 
     # -- the loop
 
+    def _next_deadline(self) -> float | None:
+        assert self.sup is not None
+        times = [t for t in (self.sup.next_deadline(), *(s.deadline() for s in self.services))
+                 if t is not None]
+        return min(times) if times else None
+
     def _loop_once(self) -> None:
         assert self.sup is not None
         now = self.clock()
-        deadline = self.sup.next_deadline()
+        deadline = self._next_deadline()
         timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
         for key, mask in self.selector.select(timeout):
             if key.data is None:
@@ -196,7 +242,7 @@ class Master:
             elif isinstance(key.data, Child):
                 self._read_child(key.data)
             else:
-                key.data(mask)  # an attached service (the control socket)
+                key.data(mask)  # a service's socket (the control socket, the HTTP endpoint)
         while self.signals:
             self._dispatch_signal(self.signals.popleft())
         self._reap()
@@ -230,6 +276,7 @@ class Master:
         self._reap()
 
     def shutdown(self, why: str) -> None:
+        """Stop gracefully (signals, the control socket); a second call kills the workers."""
         self._shutdown(why)
 
     def _shutdown(self, why: str) -> None:
@@ -240,7 +287,6 @@ class Master:
             for pid in list(self.children):
                 self._kill(pid, signal.SIGKILL)
             return
-        notify.notify("STOPPING=1")
         self.apply(self.sup.shutdown(ExitCode.OK, why, self.clock()))
 
     def _reap(self) -> None:
@@ -298,22 +344,20 @@ class Master:
             logs.emit_worker(child.slot, child.pid, msg)
             return
         self.apply(self.sup.heartbeat(child.pid, now))
-        if isinstance(msg, wire.Hello):
-            if (msg.pid, msg.slot, msg.incarnation) != (child.pid, child.slot, child.incarnation):
-                raise WireError(f"hello does not match the process: {msg}")
-        elif isinstance(msg, wire.Ready):
-            self.apply(self.sup.ready(child.pid, now))
-        elif isinstance(msg, wire.BootFailed):
-            self.apply(self.sup.boot_failed(child.pid, msg.reason))
-        elif isinstance(msg, wire.MetricsReport):
-            if (msg.slot, msg.incarnation) != (child.slot, child.incarnation):
-                raise WireError("metrics report names another worker")
-            self.on_metrics(child, msg, now)
-        elif not isinstance(msg, wire.Heartbeat):
-            raise WireError(f"unexpected {msg.TAG} message from a worker")
-
-    def on_metrics(self, child: Child, msg: wire.MetricsReport, now: float) -> None:
-        """Overridden where metrics are aggregated."""
+        match msg:
+            case wire.Hello():
+                if (msg.pid, msg.slot, msg.incarnation) != (child.pid, child.slot,
+                                                            child.incarnation):
+                    raise WireError(f"hello does not match the process: {msg}")
+            case wire.Ready():
+                self.apply(self.sup.ready(child.pid, now))
+            case wire.BootFailed():
+                self.apply(self.sup.boot_failed(child.pid, msg.reason))
+            case wire.Heartbeat():
+                pass
+            case _:
+                if not any(s.on_message(child, msg, now) for s in self.services):
+                    raise WireError(f"unexpected {msg.TAG} message from a worker")
 
     def _drain_and_close(self, child: Child) -> None:
         # A worker's last frames (final metrics) may still sit in the pipe.
@@ -364,56 +408,66 @@ class Master:
     # -- actions
 
     def apply(self, actions: list[Action]) -> None:
+        """Carry out each action, then let every service see it."""
         for action in actions:
-            self._apply_one(action)
-            for hook in self.hooks:
-                hook(action)
+            self._carry_out(action)
+            for service in self.services:
+                service.after_action(action)
 
-    def _apply_one(self, a: Action) -> None:
+    def _carry_out(self, a: Action) -> None:
         assert self.sup is not None
-        if isinstance(a, supervision.Spawn):
-            try:
-                pid = self._fork(a.slot, a.incarnation)
-            except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the supervisor retries
-                self.apply(self.sup.spawn_failed(a.slot, exc.strerror or str(exc), self.clock()))
-            else:
-                self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
-        elif isinstance(a, supervision.SendStop):
-            self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
-        elif isinstance(a, supervision.Kill):
-            self._kill(a.pid, signal.SIGKILL if a.signal == "KILL" else signal.SIGTERM)
-        elif isinstance(a, supervision.OpenSlot):
-            try:
-                self.sockets.open_slot(a.slot)
-            except (StartupError, OSError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                self.apply(self.sup.slot_open_failed(a.slot, reason))
-            else:
-                self.apply(self.sup.slot_opened(a.slot))
-        elif isinstance(a, supervision.DetachSlot):
-            self.sockets.detach_slot(a.slot)
-        elif isinstance(a, supervision.CloseSlot):
-            self.sockets.close_slot(a.slot)
-            log.info("slot %d drained and closed", a.slot)
-        elif isinstance(a, supervision.Lead):
-            single = [lst.name for lst in self.cfg.listeners
-                      if lst.multicast and lst.multicast_mode == "single"]
-            for name in single:
-                self._send(a.pid, wire.Activate(listener=name, active=True))
-            if single:
-                log.info("worker pid=%d now reads single-mode listeners %s", a.pid,
-                         ", ".join(single))
-        elif isinstance(a, supervision.AllReady):
-            log.info("all %d workers ready", self.sup.size)
-            notify.notify("READY=1")
-        elif isinstance(a, supervision.Log):
-            log.log(logging.getLevelName(a.level.upper()), "%s", a.message)
-        elif isinstance(a, supervision.Exit):
-            self.exit_code = a.code
-            self.exit_reason = a.reason
-            if a.code != ExitCode.OK and logs.to_file():
-                # On stderr the command line prints the reason; say it once.
-                log.error("%s", a.reason)
+        match a:
+            case supervision.Spawn():
+                try:
+                    pid = self._fork(a.slot, a.incarnation)
+                except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the supervisor retries
+                    self.apply(self.sup.spawn_failed(a.slot, exc.strerror or str(exc),
+                                                     self.clock()))
+                else:
+                    self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
+            case supervision.SendStop():
+                self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
+            case supervision.Kill():
+                self._kill(a.pid, _SIGNALS[a.sig])
+            case supervision.OpenSlot():
+                self._open_slot(a.slot)
+            case supervision.DetachSlot():
+                self.sockets.detach_slot(a.slot)
+            case supervision.CloseSlot():
+                self.sockets.close_slot(a.slot)
+                log.info("slot %d drained and closed", a.slot)
+            case supervision.Lead():
+                self._lead(a.pid)
+            case supervision.Say():
+                log.log(logging.getLevelName(a.level.upper()), "%s", a.message)
+            case supervision.Exit():
+                self.exit_code = a.code
+                self.exit_reason = a.reason
+                if a.code != ExitCode.OK and logs.to_file():
+                    # On stderr the command line prints the reason; say it once.
+                    log.error("%s", a.reason)
+            case supervision.AllReady() | supervision.Stopping() | supervision.Retired():
+                pass  # news for the services, nothing for the master itself to do
+            case _:
+                assert_never(a)
+
+    def _open_slot(self, slot: int) -> None:
+        assert self.sup is not None
+        try:
+            self.sockets.open_slot(slot)
+        except (StartupError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.apply(self.sup.slot_open_failed(slot, reason))
+        else:
+            self.apply(self.sup.slot_opened(slot))
+
+    def _lead(self, pid: int) -> None:
+        single = [lst.name for lst in self.cfg.listeners
+                  if lst.multicast and lst.multicast_mode == "single"]
+        for name in single:
+            self._send(pid, wire.Activate(listener=name, active=True))
+        if single:
+            log.info("worker pid=%d now reads single-mode listeners %s", pid, ", ".join(single))
 
     def _fork(self, slot: int, incarnation: int) -> int:
         if "twisted.internet.reactor" in sys.modules:
@@ -485,7 +539,7 @@ class Master:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._drain_and_close(child)
-        self.before_close()
+        self._close_services()
         self.sockets.close_all()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)

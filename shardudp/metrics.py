@@ -27,10 +27,12 @@ from itertools import accumulate
 from types import MappingProxyType
 from typing import Final
 
-from shardudp.errors import WireError
+from shardudp.errors import BookkeepingError, WireError
 from shardudp.stats import DURATION_BUCKETS, ERROR_KINDS
+from shardudp.supervision import RestartReason
 
-RESTART_REASONS: Final = ("exit", "signal", "timeout", "wire", "boot")
+#: The ``reason`` label values of restart counters, in export order.
+RESTART_REASONS: Final = tuple(r.value for r in RestartReason)
 
 # Scalar counters of a listener snapshot, in wire order.
 _SCALARS: Final = (
@@ -303,14 +305,16 @@ class MetricsBook:
             self._retired[key] = self._retired.get(key, ZERO) + counts
         self._cache = None
 
-    def restart(self, slot: int, reason: str) -> None:
-        """Count one worker restart of ``slot``; ``reason`` is one of RESTART_REASONS."""
+    def restart(self, slot: int, reason: RestartReason) -> None:
+        """Count one worker restart of ``slot``.
+
+        The reason comes from our own supervisor, never from a worker: a value
+        that is not a ``RestartReason`` is our bug (``BookkeepingError``).
+        """
+        if not isinstance(reason, RestartReason):
+            raise BookkeepingError(f"restart of slot {slot}: {reason!r} is not a RestartReason")
         _count(slot, "slot")
-        if reason not in RESTART_REASONS:
-            raise MalformedReport(
-                "reason", f"unknown restart reason {reason!r}; known: {', '.join(RESTART_REASONS)}"
-            )
-        key = (slot, reason)
+        key = (slot, reason.value)
         self._restarts[key] = self._restarts.get(key, 0) + 1
         self._cache = None
 

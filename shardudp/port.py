@@ -33,26 +33,22 @@ Four data paths, picked with ``port_class()``:
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar, Final, Self
 
 from twisted.internet import abstract, error
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.udp import MulticastPort
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shardudp import datapaths
-from shardudp._pybatch import DROP_ERRNOS
-from shardudp.config import parse_ip
-from shardudp.errors import StartupError
-from shardudp.sockets import ifindex_of
+from shardudp.errorlog import ErrorLog, TwistedErrorLog
+from shardudp.errors import ShardedSocketError
+from shardudp.membership import ListenerMembership, canonical_ip, membership_of
+from shardudp.sockets import SEND_DROP_ERRNOS
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
 
 HAVE_C_BATCHIO: Final = datapaths.C_ENGINE is not None
@@ -81,64 +77,6 @@ _SAMPLE_MASK: Final = SAMPLE_EVERY - 1
 DEFAULT_MAX_PACKET_SIZE: Final = 65535
 
 
-class ShardedSocketError(RuntimeError):
-    """An operation that would take a shared socket out of its reuseport group."""
-
-
-class _ErrorLog:
-    """Log the first failure with its traceback, then one summary per interval.
-
-    A handler that fails on every datagram would otherwise write a traceback
-    per datagram: at 300k pps that is the disk, not the service, that dies.
-    """
-
-    __slots__ = ("_clock", "_interval", "_last_exc", "_next", "_seen", "_suppressed", "_what")
-
-    def __init__(
-        self, what: str, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._what = what
-        self._interval = interval
-        self._clock = clock
-        self._seen = False
-        self._suppressed = 0
-        self._next = 0.0
-        self._last_exc: BaseException | None = None
-
-    def report(self, exc: BaseException) -> None:
-        now = self._clock()
-        if not self._seen:
-            self._seen = True
-            self._next = now + self._interval
-            logger.error(
-                "%s: %s: %s (further ones are summarised at most once every %gs)",
-                self._what,
-                type(exc).__name__,
-                exc,
-                self._interval,
-                exc_info=exc,
-            )
-            return
-        self._suppressed += 1
-        self._last_exc = exc
-        if now >= self._next:
-            self._next = now + self._interval
-            self.flush()
-
-    def flush(self) -> None:
-        if self._suppressed:
-            exc = self._last_exc
-            logger.error(
-                "%s: %d more since the last report; latest %s: %s",
-                self._what,
-                self._suppressed,
-                type(exc).__name__,
-                exc,
-            )
-            self._suppressed = 0
-            self._last_exc = None
-
-
 def _stock_address_error(host: object, family: int) -> str | None:
     """Why stock Twisted's ``write()`` would refuse ``host``, or None if it would not."""
     if not isinstance(host, str | bytes):
@@ -156,7 +94,7 @@ def _stock_address_error(host: object, family: int) -> str | None:
 
 
 @implementer(IHalfCloseableDescriptor)
-class ShardPort(MulticastPort):
+class ShardPort(ListenerMembership):
     """The shared part of every data path; use ``port_class()`` to get a concrete one."""
 
     datapath: ClassVar[str] = ""
@@ -170,12 +108,8 @@ class ShardPort(MulticastPort):
 
     _stats: ListenerStats | None
     _shared: bool
-    # (group, interface the master joined it on: an address, "" for the
-    # kernel's choice, or an IPv6 interface index when read back from the
-    # socket) of a multicast listener's socket; None for a unicast one.
-    _membership: tuple[str, str | int] | None
-    _errors: _ErrorLog
-    _send_errors: _ErrorLog
+    _errors: TwistedErrorLog
+    _send_errors: ErrorLog
     _good_hosts: dict[object, None]
     _sock: socket.socket
 
@@ -206,7 +140,7 @@ class ShardPort(MulticastPort):
             raise ValueError(f"max_packet_size must be 1..65535, got {max_packet_size}")
         if stats is not None and not isinstance(stats, ListenerStats):
             raise TypeError(f"stats must be a ListenerStats or None, not {type(stats).__name__}")
-        if multicast_interface and _canonical_ip(multicast_interface) is None:
+        if multicast_interface and canonical_ip(multicast_interface) is None:
             raise ValueError(f"multicast_interface must be an IP address, "
                              f"not {multicast_interface!r}")
         dup = sock.dup()
@@ -229,10 +163,10 @@ class ShardPort(MulticastPort):
         self._good_hosts = {}
         # Only the master's sockets have a membership it owns; a socket a
         # protocol opened itself (reactor.listenMulticast) joins as in Twisted.
-        self._membership = _membership_of(dup, multicast_interface) if shared else None
+        self._membership = membership_of(dup, multicast_interface) if shared else None
         name = f"{type(protocol).__name__} on {interface}:{dup.getsockname()[1]}"
-        self._errors = _ErrorLog(f"datagramReceived of {name} raised")
-        self._send_errors = _ErrorLog(f"send from {name} failed")
+        self._errors = TwistedErrorLog(f"datagramReceived of {name} raised")
+        self._send_errors = ErrorLog(f"send from {name} failed")
         self._adopted()
         return self
 
@@ -328,7 +262,7 @@ class ShardPort(MulticastPort):
         if stats is not None:
             stats.tx_errors += 1
         no = exc.errno
-        if no in DROP_ERRNOS:
+        if no in SEND_DROP_ERRNOS:
             return
         if no == errno.EMSGSIZE:
             raise _MessageLengthError("message too long") from exc
@@ -395,86 +329,6 @@ class ShardPort(MulticastPort):
             )
         _StockPort.connect(self, host, port)
 
-    def joinGroup(self, addr: str, interface: str = "") -> Deferred[None]:
-        if self._membership is not None:
-            return self._listener_membership("joinGroup", addr, interface)
-        d: Deferred[None] = super().joinGroup(addr, interface)
-
-        def already_member(f: Failure) -> Failure | None:
-            # Memberships live on the socket, which outlives workers: a
-            # previous worker may have joined already, so we are in the group.
-            exc = f.value
-            cause = getattr(exc, "__cause__", None)
-            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                return None
-            if isinstance(exc, error.MulticastJoinError) and errno.EADDRINUSE in exc.args:
-                return None
-            return f
-
-        d.addErrback(already_member)
-        return d
-
-    def leaveGroup(self, addr: str, interface: str = "") -> Deferred[None]:
-        if self._membership is not None:
-            return self._listener_membership("leaveGroup", addr, interface)
-        return super().leaveGroup(addr, interface)
-
-    def _listener_membership(self, call: str, addr: str, interface: str) -> Deferred[None]:
-        """joinGroup/leaveGroup on a multicast listener's socket, bound to its group.
-
-        The master joined the group on the listener's interface for every
-        worker (and, in single mode, this very socket is every worker's):
-        leaving it would cut them all off, and joining it again changes
-        nothing, so both are no-ops. An empty interface means the listener's.
-        """
-        assert self._membership is not None
-        group, own_if = self._membership
-        port = self._sock.getsockname()[1]
-        if _canonical_ip(addr) != group:
-            return fail(error.MulticastJoinError(
-                f"{call}({addr!r}) refused: this listener's sockets are bound to {group}:{port} "
-                f"and never receive {addr}; add a --multicast listener for {addr}:{port}"))
-        if not self._is_own_interface(interface):
-            return fail(error.MulticastJoinError(
-                f"{call}({addr!r}, {interface!r}) refused: the master joined {group} for this "
-                f"listener on {own_if or 'the interface the kernel chose'} "
-                "(--multicast-interface); its memberships are the master's"))
-        logger.debug("%s(%r, %r) on a listener socket is a no-op: the master holds the "
-                     "membership of %s for every worker", call, addr, interface, group)
-        return succeed(None)
-
-    def _is_own_interface(self, interface: str) -> bool:
-        assert self._membership is not None
-        own_if = self._membership[1]
-        given = _canonical_ip(interface)
-        if not interface or given in ("0.0.0.0", "::"):
-            return True  # stock Twisted's "any": here, the listener's own
-        if given is None or not own_if:
-            return False
-        if given == own_if:
-            return True
-        if self.addressFamily != socket.AF_INET6:
-            return False
-        # An IPv6 membership is per interface: any of its addresses names it.
-        try:
-            return ifindex_of(given) == (own_if if isinstance(own_if, int) else ifindex_of(own_if))
-        except StartupError:
-            return False
-
-    # IP_MULTICAST_TTL is an IPv4 option; on an AF_INET6 socket Linux accepts it
-    # but it only affects v4-mapped traffic, so stock Twisted silently does
-    # nothing useful there.
-    def getTTL(self) -> int:
-        if self.addressFamily == socket.AF_INET6:
-            return self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS)
-        return int(super().getTTL())
-
-    def setTTL(self, ttl: int) -> None:
-        if self.addressFamily == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
-            return
-        super().setTTL(ttl)
-
     def connectionLost(self, reason: Any = None) -> None:
         self._errors.flush()
         self._send_errors.flush()
@@ -511,36 +365,6 @@ def _drain_error_queue(sock: socket.socket) -> int:
     return 64
 
 
-def _canonical_ip(text: object) -> str | None:
-    """An IP literal written the way the configuration writes it; None for anything else."""
-    try:
-        return parse_ip(text)
-    except ValueError:
-        return None
-
-
-def _membership_of(
-    sock: socket.socket, interface: str | None
-) -> tuple[str, str | int] | None:
-    """(group, interface) of a socket bound to a multicast group, else None.
-
-    Without the listener's ``interface``, it is read back from the socket's
-    outgoing interface, which the master sets to the listener's before
-    handing the socket over.
-    """
-    host = sock.getsockname()[0]
-    group = _canonical_ip(host)
-    if group is None or not ipaddress.ip_address(group).is_multicast:
-        return None
-    if interface is not None:
-        return group, _canonical_ip(interface) or ""
-    if sock.family == socket.AF_INET6:
-        return group, int(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF))
-    raw = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, 4)
-    iface = socket.inet_ntoa(raw)
-    return group, "" if iface == "0.0.0.0" else iface
-
-
 def _check_adoptable(sock: object) -> socket.AddressFamily:
     if not isinstance(sock, socket.socket):
         raise TypeError(f"adopt() needs a socket.socket, not {type(sock).__name__}")
@@ -556,46 +380,22 @@ def _check_adoptable(sock: object) -> socket.AddressFamily:
 
 
 class PythonLoopShardPort(ShardPort):
-    """Pure Python without batches: one recvfrom per datagram in a tight loop."""
+    """Pure Python without batches: one recvfrom per datagram in a tight loop.
+
+    One loop, counting always: with counting off (``stats`` None) it counts
+    into a private ``ListenerStats`` that nobody reports. The two plain
+    increments cost less than keeping a second, non-counting copy of the loop
+    in step with this one.
+    """
 
     datapath = "python-loop"
+    _tally: ListenerStats
+
+    def _adopted(self) -> None:
+        self._tally = self._stats if self._stats is not None else ListenerStats()
 
     def _read(self, max_count: int, max_bytes: int) -> int:
-        if self._stats is not None:
-            return self._read_counting(max_count, max_bytes)
-        recvfrom = self._sock.recvfrom
-        size = self.maxPacketSize
-        deliver = self.protocol.datagramReceived
-        v6 = self.addressFamily == socket.AF_INET6
-        nbytes = 0
-        # for/range and early returns: the cheapest loop CPython 3.11 offers.
-        for count in range(max_count):
-            try:
-                data, addr = recvfrom(size, _MSG_DONTWAIT)
-            except BlockingIOError:
-                return count
-            except ConnectionRefusedError:
-                if self._connectedAddr:
-                    self._refused()
-                return count
-            except OSError:
-                if not self.connected:  # a handler closed the port mid-batch
-                    return count
-                raise
-            if v6:
-                addr = addr[:2]
-            try:
-                deliver(data, addr)
-            except BaseException as exc:
-                self._handler_failed(exc)
-            nbytes += len(data)
-            if nbytes >= max_bytes:
-                return count + 1
-        return max_count
-
-    def _read_counting(self, max_count: int, max_bytes: int) -> int:
-        stats = self._stats
-        assert stats is not None
+        stats = self._tally
         recvfrom = self._sock.recvfrom
         size = self.maxPacketSize
         deliver = self.protocol.datagramReceived
@@ -603,6 +403,7 @@ class PythonLoopShardPort(ShardPort):
         clock = time.perf_counter_ns
         observe = stats.observe_ns
         nbytes = 0
+        # for/range and early returns: the cheapest loop CPython 3.11 offers.
         for count in range(max_count):
             try:
                 data, addr = recvfrom(size, _MSG_DONTWAIT)

@@ -12,18 +12,37 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import epollreactor, error
+from twisted.internet import abstract, epollreactor, error
 from twisted.internet.main import installReactor as _install_reactor
 
 from .port import ShardPort, port_class
 
 # Twisted is untyped here; calling through Any keeps --strict honest elsewhere.
 _CannotListenError: Any = error.CannotListenError
+_InvalidAddressError: Any = error.InvalidAddressError
 _install: Any = _install_reactor
+_is_ipv4: Any = abstract.isIPAddress
+_is_ipv6: Any = abstract.isIPv6Address
+
+
+def _address_family(interface: str) -> socket.AddressFamily:
+    """The family stock ``udp.Port`` picks for ``interface``, raising what it raises.
+
+    Stock refuses a hostname in its constructor, before any socket exists;
+    binding it instead would resolve the name (a DNS query in the reactor
+    thread) and fail, or succeed, differently.
+    """
+    if _is_ipv6(interface):
+        return socket.AF_INET6
+    if _is_ipv4(interface):
+        return socket.AF_INET
+    if interface:
+        raise _InvalidAddressError(interface, "not an IPv4 or IPv6 address.")
+    return socket.AF_INET
 
 
 def _bound_socket(port: int, interface: str, reuse: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    family = _address_family(interface)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if reuse:
@@ -41,6 +60,8 @@ _EPollReactor: Any = epollreactor.EPollReactor
 
 
 class ShardReactor(_EPollReactor):  # type: ignore[misc]
+    """Stock epoll reactor whose ``listenUDP``/``listenMulticast`` give ``port_cls`` ports."""
+
     port_cls: type[ShardPort]
 
     def _listen(self, port: int, protocol: Any, interface: str, max_packet_size: int,
@@ -64,6 +85,7 @@ class ShardReactor(_EPollReactor):  # type: ignore[misc]
 
 
 def install(datapath: str) -> ShardReactor:
+    """Install our reactor for ``datapath`` in this process (a worker, after fork)."""
     reactor: Any = ShardReactor()
     reactor.port_cls = port_class(datapath)
     _install(reactor)

@@ -42,6 +42,8 @@ _KNUTH: Final = 2654435761
 
 
 def family_of(host: str) -> socket.AddressFamily:
+    """The address family of an IP literal."""
+
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
@@ -98,6 +100,8 @@ def shard_of(src_ip: str, src_port: int, count: int) -> int:
 
 
 def attach_filter(sock: socket.socket, prog: list[Insn]) -> None:
+    """Attach the classic BPF socket filter ``prog`` (SO_ATTACH_FILTER) to ``sock``."""
+
     buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog))
     fprog = struct.pack("@HP", len(prog), ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
@@ -108,6 +112,8 @@ def attach_filter(sock: socket.socket, prog: list[Insn]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ProcSocket:
+    """One line of /proc/net/udp{,6}: a bound UDP socket on this host."""
+
     host: str
     port: int
     uid: int
@@ -138,6 +144,8 @@ def parse_proc_net_udp(text: str) -> list[ProcSocket]:
 
 
 def bound_udp_sockets() -> list[ProcSocket]:
+    """Every bound UDP socket in this network namespace, IPv4 and IPv6."""
+
     found: list[ProcSocket] = []
     for name in ("udp", "udp6"):
         try:
@@ -277,6 +285,10 @@ def open_socket(listener: Listener, *, reuseport: bool, filtered: bool = False) 
 
 
 _BIND_ERRNOS: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+#: Send failures that UDP semantics turn into a silent drop (a full buffer):
+#: the datagram is lost and counted, the handler goes on. Every data path
+#: treats them alike.
+SEND_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 
 
 def _open_error(listener: Listener, exc: OSError) -> str:
@@ -292,6 +304,8 @@ def _open_error(listener: Listener, exc: OSError) -> str:
 
 
 def rcvbuf_of(sock: socket.socket) -> int:
+    """The socket's receive buffer as the kernel stores it (twice what was asked)."""
+
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 

@@ -39,6 +39,8 @@ Share = tuple[int, int]
 
 
 def kind_of(listener: Listener) -> Kind:
+    """How a listener's sockets are laid out over slots (see the module docstring)."""
+
     if listener.multicast:
         mode = listener.multicast_mode
         return "single" if mode == "single" else ("shard" if mode == "shard" else "fanout")
@@ -60,6 +62,13 @@ class SlotSocket:
 
 
 class SocketSet:
+    """Owns every listener socket the master holds, per slot, for its whole life.
+
+    The master opens, detaches and closes slots through it; it is the only
+    code that changes sockets' group membership or filters. Thread-safe for
+    ``kernel_stats`` (the exporter reads it at scrape time).
+    """
+
     def __init__(self, listeners: tuple[Listener, ...]) -> None:
         self.listeners = listeners
         self._by_slot: dict[int, list[SlotSocket]] = {}

@@ -77,6 +77,8 @@ def read_meminfo(sock: socket.socket) -> SocketStats:
 
 
 def socket_inode(sock: socket.socket) -> int:
+    """The inode that names ``sock`` in /proc/net/udp."""
+
     return os.fstat(sock.fileno()).st_ino
 
 

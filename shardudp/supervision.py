@@ -4,6 +4,30 @@ The master feeds this what happened (a worker was spawned, said READY,
 heartbeated, exited; a signal or control command arrived; time passed) and
 carries out the actions it returns. No clock, no processes: the tests drive it
 with plain numbers.
+
+Rules:
+
+1. Everything that decides when a worker starts, stops or is replaced lives
+   here; the master only carries out actions and reports events.
+2. States and reasons are enums, never strings: ``WorkerState``,
+   ``StopReason``, ``RestartReason``, ``Sig``. A slot's state is derived from
+   its fields by ``Slot.state`` (the table below), never stored twice.
+3. An impossible request from our own side (an event for a state that cannot
+   have it) raises ``BookkeepingError``; what a worker does wrong is a fault of
+   that worker (``wire_fault``), never an exception here.
+
+A slot's states (``SlotState``), from its fields:
+
+==========  ===============================================================
+OPENING     added by a scale-up; its sockets are not open yet
+SPAWNING    a Spawn was emitted; its pid is not known yet
+BACKOFF     no worker; a respawn is scheduled at ``spawn_at``
+BOOTING     its worker was forked and has not said READY
+SERVING     its worker is READY (and, during a reload, a new one may boot)
+STOPPING    its worker was asked to stop or killed; the replacement follows
+RETIRING    scaled away: its worker drains, then the slot is closed
+DOWN        no worker and none scheduled (the server is stopping)
+==========  ===============================================================
 """
 
 from __future__ import annotations
@@ -24,17 +48,72 @@ PIPE_EOF_GRACE: Final = 1.0
 #: A rolling reload tries this many new workers for a slot (the replacement
 #: killed, timed out or sent bad frames before READY) before giving up.
 RELOAD_TRIES: Final = 3
-#: File descriptors the master needs besides its slots' sockets and pipes:
-#: standard streams, epoll, the signal wake-up pair, the control socket and
-#: its clients (64 at most), the metrics server's connections, the log and
-#: pid files, and what reading /proc and importing modules open for a moment.
-FD_RESERVE: Final = 128
+#: File descriptors the master needs besides its slots' sockets and pipes and
+#: what its services declare (control clients, the HTTP endpoint): standard
+#: streams, epoll, the signal wake-up pair, the log and pid files, and what
+#: reading /proc and importing modules open for a moment.
+FD_RESERVE: Final = 32
 
 
-class WState(enum.Enum):
+class WorkerState(enum.Enum):
+    """Where one worker process is in its life, as the supervisor sees it."""
+
     BOOTING = "booting"
     READY = "ready"
     STOPPING = "stopping"
+
+
+class StopReason(enum.Enum):
+    """Why the supervisor asked a worker to stop (or killed it)."""
+
+    #: Planned: a rolling reload replaced it (its successor is READY).
+    RELOAD = "reload"
+    #: Planned: its slot was scaled away.
+    SCALE = "scale"
+    #: Planned: the server is stopping.
+    SHUTDOWN = "shutdown"
+    #: A fault: it missed its heartbeat.
+    TIMEOUT = "timeout"
+    #: A fault: it sent a bad frame, or closed its pipe.
+    WIRE = "wire"
+
+    @property
+    def planned(self) -> bool:
+        """True for a stop that is not the worker's fault (not a restart to count)."""
+        return self in _PLANNED
+
+
+_PLANNED: Final = frozenset({StopReason.RELOAD, StopReason.SCALE, StopReason.SHUTDOWN})
+
+
+class RestartReason(enum.Enum):
+    """Why a slot's worker had to be replaced: the ``reason`` label of restart counters."""
+
+    EXIT = "exit"
+    SIGNAL = "signal"
+    TIMEOUT = "timeout"
+    WIRE = "wire"
+    BOOT = "boot"
+
+
+class Sig(enum.Enum):
+    """The two signals the supervisor sends: a request to stop, and no choice."""
+
+    TERM = "TERM"
+    KILL = "KILL"
+
+
+class SlotState(enum.Enum):
+    """A slot's state, derived from its fields (see the module's table)."""
+
+    OPENING = "opening"
+    SPAWNING = "spawning"
+    BACKOFF = "backoff"
+    BOOTING = "booting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    RETIRING = "retiring"
+    DOWN = "down"
 
 
 # -- actions -------------------------------------------------------------------
@@ -42,12 +121,16 @@ class WState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Spawn:
+    """Fork a worker for ``slot``, then report ``spawned`` or ``spawn_failed``."""
+
     slot: int
     incarnation: int
 
 
 @dataclasses.dataclass(frozen=True)
 class SendStop:
+    """Ask worker ``pid`` to stop within ``timeout`` (draining its queue first if ``drain``)."""
+
     pid: int
     timeout: float
     drain: bool = False
@@ -55,8 +138,10 @@ class SendStop:
 
 @dataclasses.dataclass(frozen=True)
 class Kill:
+    """Send ``sig`` to worker ``pid`` (if it was not reaped yet)."""
+
     pid: int
-    signal: str  # "TERM" or "KILL"
+    sig: Sig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +160,8 @@ class DetachSlot:
 
 @dataclasses.dataclass(frozen=True)
 class CloseSlot:
+    """Close the slot's sockets: its worker drained them, or it never had one."""
+
     slot: int
 
 
@@ -91,44 +178,61 @@ class AllReady:
 
 
 @dataclasses.dataclass(frozen=True)
-class Retired:
-    """A worker process is gone; its last metrics fold into retired totals."""
+class Stopping:
+    """The server began to stop, for ``code`` (edge-triggered)."""
 
-    slot: int
-    incarnation: int
-    reason: str  # "" for an expected exit, else exit|signal|timeout|wire|boot
+    code: ExitCode
 
 
 @dataclasses.dataclass(frozen=True)
-class Log:
+class Retired:
+    """A worker process is gone; its last metrics fold into retired totals.
+
+    ``reason`` is None for a planned exit, else why the slot needs a new worker.
+    """
+
+    slot: int
+    incarnation: int
+    reason: RestartReason | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Say:
+    """Log ``message`` at ``level`` (a ``logging`` level name in lower case)."""
+
     level: str
     message: str
 
 
 @dataclasses.dataclass(frozen=True)
 class Exit:
+    """Every worker is gone: the master exits with ``code``."""
+
     code: ExitCode
     reason: str
 
 
-Action = (Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady | Retired
-          | Log | Exit)
+Action = (Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady
+          | Stopping | Retired | Say | Exit)
 
 
 # -- state ---------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class Worker:
+class WorkerRecord:
+    """What the supervisor knows of one worker process (not the process itself:
+    that is ``shardudp.worker.Worker``)."""
+
     pid: int
     slot: int
     incarnation: int
     started: float
     last_seen: float
-    state: WState = WState.BOOTING
+    state: WorkerState = WorkerState.BOOTING
     ready_at: float | None = None
     #: Why we asked it to stop; None while it should be running.
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     kill_at: float | None = None
     boot_error: str | None = None
     #: When its pipe to us reached EOF while it should be running.
@@ -137,6 +241,11 @@ class Worker:
 
 @dataclasses.dataclass
 class Slot:
+    """One worker slot: its current worker, a reload's incoming one, and its crash history.
+
+    ``state`` derives the ``SlotState`` from these fields.
+    """
+
     index: int
     current: int | None = None  # pid serving the slot
     incoming: int | None = None  # pid replacing it during a rolling reload
@@ -148,9 +257,25 @@ class Slot:
     #: New workers of the current reload that died before READY.
     reload_failures: int = 0
 
+    def state(self, workers: dict[int, WorkerRecord]) -> SlotState:
+        """The slot's state given the supervisor's worker records (the module's table)."""
+        if self.retiring:
+            return SlotState.RETIRING
+        if self.opening:
+            return SlotState.OPENING
+        w = workers.get(self.current) if self.current is not None else None
+        if w is None:
+            if self.spawning:
+                return SlotState.SPAWNING
+            return SlotState.BACKOFF if self.spawn_at is not None else SlotState.DOWN
+        return {WorkerState.BOOTING: SlotState.BOOTING, WorkerState.READY: SlotState.SERVING,
+                WorkerState.STOPPING: SlotState.STOPPING}[w.state]
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
+    """The supervisor's timing settings (from the server's configuration)."""
+
     timeout: float
     graceful_timeout: float
     backoff_max: float
@@ -159,6 +284,13 @@ class Policy:
     def kill_grace(self) -> float:
         """TERM to KILL for a worker that is wedged, not merely slow to stop."""
         return min(self.graceful_timeout, 5.0)
+
+
+#: What a fault stop counts as when the worker then exits.
+_RESTART_FOR_STOP: Final[dict[StopReason | None, RestartReason]] = {
+    StopReason.TIMEOUT: RestartReason.TIMEOUT,
+    StopReason.WIRE: RestartReason.WIRE,
+}
 
 
 def backoff_delay(crashes: int, cap: float) -> float:
@@ -172,31 +304,39 @@ def backoff_delay(crashes: int, cap: float) -> float:
     return float(min(cap, BACKOFF_BASE * 2 ** (crashes - 2)))
 
 
-def fds_needed(workers: int, slot_sockets: int, shared_sockets: int) -> int:
+def fds_needed(workers: int, slot_sockets: int, shared_sockets: int, services: int = 0) -> int:
     """About how many file descriptors the master of ``workers`` slots needs.
 
     Each slot has ``slot_sockets`` sockets and its worker's two pipe ends;
     while a worker is forked, or a reload runs a slot's old and new workers
     side by side, four more pipe ends are open. ``shared_sockets`` belong to
-    no slot (single-mode sockets, shard tallies).
+    no slot (single-mode sockets, shard tallies). ``services`` is what the
+    services may hold at most (each bounds its own).
     """
-    return workers * (slot_sockets + 2) + shared_sockets + 4 + FD_RESERVE
+    return workers * (slot_sockets + 2) + shared_sockets + 4 + services + FD_RESERVE
 
 
-def describe_exit(code: int | None, signal: int | None) -> tuple[str, str]:
-    """(reason label, human text) for a wait status."""
+def describe_exit(code: int | None, signal: int | None) -> tuple[RestartReason, str]:
+    """(restart reason, human text) for a wait status."""
     if signal is not None:
-        return "signal", f"killed by signal {signal}"
+        return RestartReason.SIGNAL, f"killed by signal {signal}"
     if code == ExitCode.BOOT:
-        return "boot", "failed to boot"
-    return "exit", f"exited with code {code}"
+        return RestartReason.BOOT, "failed to boot"
+    return RestartReason.EXIT, f"exited with code {code}"
 
 
 class Supervisor:
+    """Decides, for every slot, which worker serves it and when to start, stop or kill one.
+
+    Owned by the master, which feeds it events (``spawned``, ``ready``,
+    ``heartbeat``, ``exited``, ``tick``, commands) with the current time and
+    carries out the actions each call returns.
+    """
+
     def __init__(self, workers: int, policy: Policy, now: float) -> None:
         self.policy = policy
         self.slots: dict[int, Slot] = {}
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, WorkerRecord] = {}
         self._incarnation = 0
         self._ever_ready = False
         self._all_ready = False
@@ -219,7 +359,7 @@ class Supervisor:
 
     def healthy(self) -> bool:
         return bool(self.slots) and all(
-            s.current is not None and self.workers[s.current].state is WState.READY
+            s.current is not None and self.workers[s.current].state is WorkerState.READY
             for s in self.slots.values()
         )
 
@@ -235,17 +375,17 @@ class Supervisor:
 
     def spawned(self, slot: int, incarnation: int, pid: int, now: float) -> list[Action]:
         s = self.slots.get(slot)
-        w = Worker(pid, slot, incarnation, started=now, last_seen=now)
+        w = WorkerRecord(pid, slot, incarnation, started=now, last_seen=now)
         self.workers[pid] = w
         if s is None:  # slot removed while forking: nothing to serve
-            return self._request_stop(w, "scale", now, drain=False)
+            return self._request_stop(w, StopReason.SCALE, now, drain=False)
         s.spawning = False
         if s.current is None:
             s.current = pid
         else:
             s.incoming = pid
         if self._stopping is not None:
-            return self._request_stop(w, "shutdown", now, drain=False)
+            return self._request_stop(w, StopReason.SHUTDOWN, now, drain=False)
         return self._advance_reload(now)
 
     def spawn_failed(self, slot: int, reason: str, now: float) -> list[Action]:
@@ -281,7 +421,7 @@ class Supervisor:
         for i in cancelled:
             del self.slots[i]
         self._reload = [i for i in self._reload if i in self.slots]
-        return [Log("error", f"cannot open sockets for new slot {slot}: {reason}; "
+        return [Say("error", f"cannot open sockets for new slot {slot}: {reason}; "
                              f"scale-up stopped at {self.size} workers"),
                 *self._check_all_ready()]
 
@@ -293,10 +433,10 @@ class Supervisor:
 
     def ready(self, pid: int, now: float) -> list[Action]:
         w = self.workers.get(pid)
-        if w is None or w.state is not WState.BOOTING:
+        if w is None or w.state is not WorkerState.BOOTING:
             return []
-        w.state, w.ready_at, w.last_seen = WState.READY, now, now
-        out: list[Action] = [Log("info", f"worker slot={w.slot} pid={pid} ready")]
+        w.state, w.ready_at, w.last_seen = WorkerState.READY, now, now
+        out: list[Action] = [Say("info", f"worker slot={w.slot} pid={pid} ready")]
         s = self.slots.get(w.slot)
         if s is not None:
             s.reload_failures = 0
@@ -304,7 +444,7 @@ class Supervisor:
             # Rolling reload: the new worker serves, so the old one may go.
             old = self.workers[s.current]
             s.current, s.incoming = pid, None
-            out += self._request_stop(old, "reload", now, drain=False)
+            out += self._request_stop(old, StopReason.RELOAD, now, drain=False)
         if self._leader is None or self._leader not in self.workers:
             self._leader = pid
             out.append(Lead(pid))
@@ -331,8 +471,8 @@ class Supervisor:
         w = self.workers.get(pid)
         if w is None or w.stop_reason is not None:
             return []
-        return self._replace(w, "wire", f"worker slot={w.slot} pid={pid}: bad frame: {reason}",
-                             now)
+        return self._replace(w, StopReason.WIRE,
+                             f"worker slot={w.slot} pid={pid}: bad frame: {reason}", now)
 
     def exited(self, pid: int, code: int | None, signal: int | None, now: float) -> list[Action]:
         w = self.workers.pop(pid, None)
@@ -340,8 +480,8 @@ class Supervisor:
             return []
         s = self.slots.get(w.slot)
         label, text = describe_exit(code, signal)
-        expected = w.stop_reason in ("reload", "scale", "shutdown")
-        reason = "" if expected else (w.stop_reason or label)
+        expected = w.stop_reason is not None and w.stop_reason.planned
+        reason = None if expected else _RESTART_FOR_STOP.get(w.stop_reason, label)
         out: list[Action] = [Retired(w.slot, w.incarnation, reason)]
         was_incoming = s is not None and s.incoming == pid
         if s is not None:
@@ -360,7 +500,7 @@ class Supervisor:
         if w.boot_error is not None:
             text = f"failed to boot: {w.boot_error}"
         own_exit = signal is None and code != 0 and w.stop_reason is None
-        if w.state is WState.BOOTING and not self._ever_ready and (
+        if w.state is WorkerState.BOOTING and not self._ever_ready and (
                 w.boot_error is not None or own_exit):
             # Before the server ever served, a worker that failed to boot (it
             # said so, or exited by itself) means a bad APP or environment:
@@ -379,8 +519,8 @@ class Supervisor:
             return out + self._advance_reload(now)
         # Unexpected: a crash, kill -9, timeout or bad frames.
         msg = f"worker slot={w.slot} pid={pid} {text}"
-        if w.stop_reason in ("timeout", "wire"):
-            msg += f" after {w.stop_reason}"
+        if w.stop_reason is not None:
+            msg += f" after {w.stop_reason.value}"
         if was_incoming:  # the old worker still serves the slot
             boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
             return out + self._retry_replacement(s, msg, boot, now)
@@ -388,7 +528,7 @@ class Supervisor:
             s.crashes = 0
         out += self._check_all_ready()
         if s.current is not None:  # mid-reload: the old worker died, its replacement boots
-            out.append(Log("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}"))
+            out.append(Say("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}"))
         else:
             out += self._restart_later(s, msg, now)
         return out + self._advance_reload(now)
@@ -398,17 +538,18 @@ class Supervisor:
         for w in list(self.workers.values()):
             if (w.pipe_closed_at is not None and w.stop_reason is None
                     and now >= w.pipe_closed_at + PIPE_EOF_GRACE):
-                out += self._replace(w, "wire", f"worker slot={w.slot} pid={w.pid} closed its "
-                                                "pipe to the master", now)
+                out += self._replace(w, StopReason.WIRE, f"worker slot={w.slot} pid={w.pid} "
+                                                         "closed its pipe to the master", now)
                 out += self._check_all_ready()
-            elif w.state is WState.STOPPING:
+            elif w.state is WorkerState.STOPPING:
                 if w.kill_at is not None and now >= w.kill_at:
                     w.kill_at = None
-                    out += [Log("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
-                                           "time; killing"), Kill(w.pid, "KILL")]
+                    out += [Say("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
+                                           "time; killing"), Kill(w.pid, Sig.KILL)]
             elif now - w.last_seen > self.policy.timeout:
-                out += self._replace(w, "timeout", f"worker slot={w.slot} pid={w.pid} missed its "
-                                                   f"heartbeat for {now - w.last_seen:.1f}s", now)
+                out += self._replace(w, StopReason.TIMEOUT,
+                                     f"worker slot={w.slot} pid={w.pid} missed its heartbeat for "
+                                     f"{now - w.last_seen:.1f}s", now)
                 out += self._check_all_ready()
         return out
 
@@ -416,7 +557,7 @@ class Supervisor:
         """The earliest ``now`` at which ``tick`` has something to do."""
         times = [s.spawn_at for s in self.slots.values() if s.spawn_at is not None]
         for w in self.workers.values():
-            if w.state is WState.STOPPING:
+            if w.state is WorkerState.STOPPING:
                 if w.kill_at is not None:
                     times.append(w.kill_at)
             else:
@@ -433,21 +574,22 @@ class Supervisor:
         self._stopping, self._stop_reason = code, reason
         self._reload = []
         # A failure's reason is said once, by whoever reports the Exit.
-        out: list[Action] = [Log("info", f"stopping: {reason}") if code == ExitCode.OK else
-                             Log("warning", f"stopping: {code.name.lower()} failure, "
-                                                f"exit code {int(code)}")]
+        out: list[Action] = [Stopping(code),
+                             Say("info", f"stopping: {reason}") if code == ExitCode.OK else
+                             Say("warning", f"stopping: {code.name.lower()} failure, "
+                                            f"exit code {int(code)}")]
         # Nothing new arrives from here on, and what is queued gets answered.
         out += [DetachSlot(i) for i, s in sorted(self.slots.items())
                 if not s.retiring and not s.opening]
         for w in list(self.workers.values()):
-            out += self._request_stop(w, "shutdown", now, drain=True)
+            out += self._request_stop(w, StopReason.SHUTDOWN, now, drain=True)
         return out + self._maybe_exit()
 
     def reload(self, now: float) -> list[Action]:
         if self._stopping is not None:
             return []
         if self._reloading:
-            return [Log("warning", "reload already in progress; ignored")]
+            return [Say("warning", "reload already in progress; ignored")]
         for s in self.slots.values():
             if s.spawn_at is not None:
                 # Down and waiting out its backoff: the new code deserves a
@@ -456,19 +598,19 @@ class Supervisor:
         self._reload = sorted(i for i, s in self.slots.items()
                               if s.current is not None and not s.retiring)
         self._reloading = True
-        return [Log("info", f"rolling reload of {self.size} slots"), *self._spawn_due(now),
+        return [Say("info", f"rolling reload of {self.size} slots"), *self._spawn_due(now),
                 *self._advance_reload(now)]
 
     def scale(self, n: int, now: float) -> list[Action]:
         if self._stopping is not None:
             return []
         if n < 1:
-            return [Log("warning", f"scale to {n} refused: at least one worker is needed")]
+            return [Say("warning", f"scale to {n} refused: at least one worker is needed")]
         live = sorted(i for i, s in self.slots.items() if not s.retiring)
         out: list[Action] = []
         if n > len(live):
             nxt = max(self.slots, default=-1) + 1
-            out.append(Log("info", f"scaling up from {len(live)} to {n} workers"))
+            out.append(Say("info", f"scaling up from {len(live)} to {n} workers"))
             busy = any(s.opening for s in self.slots.values())
             for i in range(nxt, nxt + n - len(live)):
                 self.slots[i] = Slot(i, opening=True)
@@ -476,18 +618,18 @@ class Supervisor:
                 out += self._open_next()
             self._all_ready = False
         elif n < len(live):
-            out.append(Log("info", f"scaling down from {len(live)} to {n} workers"))
+            out.append(Say("info", f"scaling down from {len(live)} to {n} workers"))
             for i in reversed(live[n:]):
                 s = self.slots[i]
                 s.retiring, s.spawn_at = True, None
                 out.append(DetachSlot(i))
                 pids = [p for p in (s.current, s.incoming) if p is not None]
                 for pid in pids:
-                    out += self._request_stop(self.workers[pid], "scale", now, drain=True)
+                    out += self._request_stop(self.workers[pid], StopReason.SCALE, now, drain=True)
                 if not pids and not s.spawning:
                     del self.slots[i]
                     if not s.opening:
-                        out.append(Log("warning", f"slot {i} had no worker to drain its queue"))
+                        out.append(Say("warning", f"slot {i} had no worker to drain its queue"))
                     out.append(CloseSlot(i))
         self._reload = [i for i in self._reload if i in self.slots and not self.slots[i].retiring]
         return out + self._check_all_ready()
@@ -518,7 +660,7 @@ class Supervisor:
         delay = backoff_delay(s.crashes if at_once else s.crashes + 1, self.policy.backoff_max)
         if not at_once:
             delay = max(delay, BACKOFF_BASE)
-        out: list[Action] = [Log("warning" if delay == 0 else "error",
+        out: list[Action] = [Say("warning" if delay == 0 else "error",
                                  f"{what}; restarting" + (f" in {delay:.1f}s" if delay else ""))]
         s.spawn_at = now + delay
         # A reload need not replace it again: the respawn loads the new code.
@@ -541,19 +683,19 @@ class Supervisor:
                                       f"{s.index} died before READY")
         delay = backoff_delay(s.reload_failures + 1, self.policy.backoff_max)
         s.spawn_at = now + delay
-        return [Log("warning", f"{what}; slot {s.index} keeps worker pid={s.current}; starting "
+        return [Say("warning", f"{what}; slot {s.index} keeps worker pid={s.current}; starting "
                                f"another new worker in {delay:.1f}s")]
 
     def _abort_reload(self, why: str) -> list[Action]:
         self._reload, self._reloading = [], False
         for s in self.slots.values():
             s.reload_failures = 0
-        return [Log("error", f"reload aborted: {why}; old workers keep serving")]
+        return [Say("error", f"reload aborted: {why}; old workers keep serving")]
 
-    def _replace(self, w: Worker, why: str, text: str, now: float) -> list[Action]:
+    def _replace(self, w: WorkerRecord, why: StopReason, text: str, now: float) -> list[Action]:
         """TERM a faulty worker (KILL after the grace); ``exited`` replaces it."""
-        w.stop_reason, w.state, w.kill_at = why, WState.STOPPING, now + self.policy.kill_grace
-        return [Log("error", f"{text}; replacing it"), Kill(w.pid, "TERM")]
+        w.stop_reason, w.state, w.kill_at = why, WorkerState.STOPPING, now + self.policy.kill_grace
+        return [Say("error", f"{text}; replacing it"), Kill(w.pid, Sig.TERM)]
 
     def _close_if_empty(self, s: Slot) -> list[Action]:
         if s.current is None and s.incoming is None and not s.spawning:
@@ -570,10 +712,12 @@ class Supervisor:
         s.spawning = True
         return [Spawn(s.index, self._incarnation)]
 
-    def _request_stop(self, w: Worker, why: str, now: float, *, drain: bool) -> list[Action]:
-        if w.state is WState.STOPPING and w.stop_reason in ("shutdown", "scale", "reload"):
+    def _request_stop(self, w: WorkerRecord, why: StopReason, now: float, *,
+                      drain: bool) -> list[Action]:
+        if w.state is WorkerState.STOPPING and w.stop_reason is not None \
+                and w.stop_reason.planned:
             return []
-        w.state, w.stop_reason = WState.STOPPING, why
+        w.state, w.stop_reason = WorkerState.STOPPING, why
         w.kill_at = now + self.policy.graceful_timeout
         return [SendStop(w.pid, self.policy.graceful_timeout, drain)]
 
@@ -584,7 +728,7 @@ class Supervisor:
                or (s.current is not None and s.spawn_at is not None)
                for s in self.slots.values()):
             return []
-        if any(w.stop_reason == "reload" for w in self.workers.values()):
+        if any(w.stop_reason is StopReason.RELOAD for w in self.workers.values()):
             return []
         while self._reload:
             i = self._reload.pop(0)
@@ -596,12 +740,12 @@ class Supervisor:
             return self._spawn(s)
         if self._reloading:
             self._reloading = False
-            return [Log("info", "reload complete")]
+            return [Say("info", "reload complete")]
         return []
 
     def _pick_leader(self) -> int | None:
         ready = [w for w in self.workers.values()
-                 if w.state is WState.READY and w.stop_reason is None]
+                 if w.state is WorkerState.READY and w.stop_reason is None]
         return min(ready, key=lambda w: w.started).pid if ready else None
 
     def _check_all_ready(self) -> list[Action]:

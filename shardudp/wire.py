@@ -48,6 +48,8 @@ def bounded_text(text: str, limit: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Message:
+    """Base of every pipe message; a subclass's fields are its schema."""
+
     TAG: ClassVar[str] = ""
     #: Longest accepted value of a string field, by field name.
     MAX_LEN: ClassVar[dict[str, int]] = {}
@@ -222,6 +224,8 @@ def encode_obj(obj: object, max_frame: int = MAX_FRAME) -> bytes:
 
 
 def unpack_untrusted(payload: bytes) -> object:
+    """Decode one msgpack payload from an untrusted peer; WireError if it is not msgpack."""
+
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types

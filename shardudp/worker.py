@@ -8,40 +8,29 @@ installs a reactor; the master merely preloads Twisted's modules.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import dataclasses
 import errno
-import importlib
 import logging
 import os
 import signal
 import sys
-import sysconfig
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-import twisted
-
-from . import logs, wire
-from .config import Listener
+from . import logs, process, wire
+from .apploader import AppError, booting, load_app, raised, unreadable
 from .errors import ExitCode
+from .pipewriter import PipeWriter
 from .socketset import SlotSocket
 from .stats import ListenerStats
 
 log = logging.getLogger("shardudp.worker")
 
-PR_SET_PDEATHSIG: Final = 1
 #: Bound of one drain: a stopping worker reads at most this many queued datagrams.
 DRAIN_LIMIT: Final = 1_000_000
 DRAIN_CHUNK: Final = 1024
-#: Pending pipe bytes past which periodic frames are dropped, not queued:
-#: they are cumulative, so the next one supersedes a lost one.
-PIPE_BACKLOG: Final = 256 * 1024
 #: Log records are dropped sooner, so they never crowd out heartbeats.
 LOG_BACKLOG: Final = 64 * 1024
 #: How long a worker whose master died may take to stop.
@@ -52,6 +41,8 @@ BACKSTOP_MARGIN: Final = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
+    """Everything a forked worker needs, decided by the master before fork."""
+
     slot: int
     incarnation: int
     master_pid: int
@@ -66,215 +57,13 @@ class WorkerSpec:
     run_as: tuple[int, int] | None = None
 
 
-#: Where code that is not the user's lives (computed before dropping privileges).
-_NOT_USER: Final = ("<", os.path.dirname(__file__) + os.sep,
-                    os.path.dirname(twisted.__file__) + os.sep)
-_STDLIB: Final = tuple({sysconfig.get_path(k) + os.sep for k in ("stdlib", "platstdlib")})
-
-
-class AppError(Exception):
-    """The APP cannot be imported, built or started.
-
-    The text reads after the APP's name ("APP 'm:P' failed in import at
-    ..."); ``cause`` is what the APP raised, if it raised.
-    """
-
-    def __init__(self, problem: str, cause: BaseException | None = None) -> None:
-        super().__init__(problem)
-        self.cause = cause
-
-
-def _raised(phase: str, exc: BaseException) -> AppError:
-    where = _user_frame(exc)
-    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return AppError(f"failed in {phase}{f' at {where}' if where else ''}: {what}", exc)
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    """``file:line`` of the innermost frame of ``exc`` in the user's code.
-
-    That is any frame outside shardudp, Twisted, importlib and the standard
-    library (a library installed in site-packages counts as the user's).
-    """
-    if isinstance(exc, SyntaxError) and exc.filename:  # raised by the compiler: no frame
-        return f"{exc.filename}:{exc.lineno}"
-    where = None
-    for frame, lineno in traceback.walk_tb(exc.__traceback__):
-        path = frame.f_code.co_filename
-        if path.startswith(_NOT_USER) or (path.startswith(_STDLIB) and "-packages" not in path):
-            continue
-        where = f"{path}:{lineno}"
-    return where
-
-
-def _unreadable(exc: BaseException | None) -> bool:
-    """Whether ``exc`` or an exception in its cause chain says a file could not be read.
-
-    An APP directory the worker's user may not list shows up as
-    ModuleNotFoundError, an unreadable file as PermissionError.
-    """
-    for _ in range(16):  # a cause chain may loop
-        if exc is None:
-            return False
-        if isinstance(exc, ImportError) or (isinstance(exc, OSError)
-                                            and exc.errno in (errno.EACCES, errno.EPERM)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def load_app(spec: str) -> Callable[[], Any]:
-    """Resolve ``module:attr`` to a zero-argument protocol factory."""
-    from twisted.internet.protocol import AbstractDatagramProtocol
-
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except BaseException as exc:  # an APP calling sys.exit() at import still gets a reason
-        raise _raised("import", exc) from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AppError(f"names nothing: module {module_name!r} has no attribute {attr!r}") \
-                from None
-    if isinstance(obj, type) and not issubclass(obj, AbstractDatagramProtocol):
-        raise AppError("is a class but not a DatagramProtocol subclass")
-    if not callable(obj):
-        raise AppError("is neither a DatagramProtocol subclass nor a callable")
-
-    def build() -> Any:
-        try:
-            proto = obj()
-        except BaseException as exc:
-            raise _raised("build", exc) from None
-        if not isinstance(proto, AbstractDatagramProtocol):
-            raise AppError(f"returned {type(proto).__name__}, not a DatagramProtocol instance")
-        return proto
-
-    return build
-
-
-@contextlib.contextmanager
-def _booting(listener: Listener) -> Iterator[None]:
-    """Name the APP and the listener in an AppError raised inside."""
-    try:
-        yield
-    except AppError as exc:
-        raise AppError(f"APP {listener.app!r} (listener {listener.name}) {exc}",
-                       exc.cause) from None
-
-
-def _close_foreign_fds(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def _die_with_master(master_pid: int) -> None:
-    """SIGTERM us when the master dies, even by kill -9.
-
-    Called after dropping privileges: a credential change clears the setting.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # the pipe EOF still tells us
-    if os.getppid() != master_pid:
-        os._exit(ExitCode.ERROR)
-
-
-def _arm_backstop(seconds: float) -> None:
-    """Die by SIGALRM in ``seconds`` unless an earlier deadline is already armed.
-
-    The graceful stop runs in the reactor; a reactor blocked in user code
-    never gets there, and an orphan has nobody to KILL it. The kernel timer
-    needs no Python code to run.
-    """
-    left = signal.getitimer(signal.ITIMER_REAL)[0]
-    if left == 0 or left > seconds:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-
-
-class PipeWriter:
-    """Non-blocking frames to the master; never wedges the reactor.
-
-    Thread-safe: log records may come from any thread. ``on_error`` hears of
-    a write error other than EAGAIN once; the writer is dead afterwards.
-
-    A finalizer (Twisted's "Unhandled error in Deferred") or a signal handler
-    may log, and so call ``send`` again, while this thread is inside it. Frames
-    are therefore encoded before any lock is taken, and queued without one;
-    a re-entrant ``flush`` leaves the writing to the call it interrupted,
-    instead of waiting forever for the lock that call holds.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray()
-        self.broken = False
-        self.on_error: Callable[[OSError], None] | None = None
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._lock = threading.Lock()
-        self._inside = threading.local()
-        os.set_blocking(fd, False)
-
-    def send(self, msg: wire.Message, *, droppable: bool = False,
-             backlog: int = PIPE_BACKLOG) -> bool:
-        """Queue and try to write ``msg``; False if it was dropped."""
-        if self.broken or (droppable and len(self.buf) > backlog):
-            return False  # before encoding: a log flood must not pay for what it drops
-        self._queue.append(wire.encode(msg))
-        self.flush()
-        return True
-
-    def flush(self) -> None:
-        if getattr(self._inside, "flushing", False):
-            return  # re-entered on this thread: the flush it interrupted (or the next) writes
-        # Set before taking the lock: a handler running while we wait for it
-        # must not wait too.
-        self._inside.flushing = True
-        try:
-            with self._lock:
-                error = self._flush_locked()
-        finally:
-            self._inside.flushing = False
-        if error is not None and self.on_error is not None:
-            self.on_error(error)
-
-    def _flush_locked(self) -> OSError | None:
-        while not self.broken:
-            while self._queue:
-                self.buf += self._queue.popleft()
-            if not self.buf:
-                return None
-            try:
-                n = os.write(self.fd, self.buf)
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                self.broken = True
-                self.buf.clear()
-                self._queue.clear()
-                return exc
-            del self.buf[:n]
-        return None
-
-    def flush_blocking(self, timeout: float) -> None:
-        import select
-
-        deadline_polls = max(1, int(timeout / 0.05))
-        for _ in range(deadline_polls):
-            self.flush()
-            if not (self.buf or self._queue) or self.broken:
-                return
-            select.select([], [self.fd], [], 0.05)
-
-
 class Worker:
+    """One worker process's state: its ports, counters and pipe to the master.
+
+    Built by ``run`` in the child after fork; the reactor calls ``doRead`` for
+    the master's frames, and its LoopingCalls call ``heartbeat`` and ``report``.
+    """
+
     def __init__(self, spec: WorkerSpec, reactor: Any, out: PipeWriter) -> None:
         self.spec = spec
         self.reactor = reactor
@@ -338,7 +127,7 @@ class Worker:
 
         factories = {}
         for ss in self.spec.sockets:
-            with _booting(ss.listener):
+            with booting(ss.listener):
                 factories[ss.listener.name] = load_app(ss.listener.app)
         cls = port_class(self.spec.datapath)
         counting = self.spec.metrics_interval > 0
@@ -347,16 +136,16 @@ class Worker:
             stats = ListenerStats() if counting else None
             if stats is not None:
                 self.stats[name] = stats
-            with _booting(ss.listener):
+            with booting(ss.listener):
                 proto = factories[name]()
             port: Any = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
                                   max_packet_size=ss.listener.max_packet_size,
                                   multicast_interface=ss.listener.multicast_interface or "")
-            with _booting(ss.listener):
+            with booting(ss.listener):
                 try:
                     port.startListening()  # runs the APP's startProtocol
                 except BaseException as exc:  # SystemExit from startProtocol too
-                    raise _raised("startProtocol", exc) from None
+                    raise raised("startProtocol", exc) from None
             if ss.kind == "single":
                 port.stopReading()  # standby until the master names us leader
             self.ports[name] = port
@@ -392,7 +181,7 @@ class Worker:
         self.stopping = True
         # Our own deadline too: the master may be gone and cannot KILL us.
         self.reactor.callLater(timeout, self._hard_exit)
-        _arm_backstop(timeout + BACKSTOP_MARGIN)
+        process.arm_backstop(timeout + BACKSTOP_MARGIN)
         if drain:
             # Half the deadline at most: stopProtocol and the last report need time too.
             self._drain(time.monotonic() + timeout / 2)
@@ -431,18 +220,11 @@ def _install_signals(worker: Worker) -> None:
         if os.getppid() != worker.spec.master_pid:  # PDEATHSIG: nobody waits for us
             timeout = min(ORPHAN_GRACE, timeout)
         # Armed here, not in stop(): a reactor stuck in user code never runs stop().
-        _arm_backstop(timeout + BACKSTOP_MARGIN)
+        process.arm_backstop(timeout + BACKSTOP_MARGIN)
         worker.reactor.callFromThread(worker.stop, timeout, drain=False)
 
     signal.signal(signal.SIGTERM, on_term)
-    _ignore_group_signals()
-
-
-def _ignore_group_signals() -> None:
-    # A terminal (or `timeout`) signals the whole process group; the master
-    # alone decides what Ctrl-C, hangup and TTIN/TTOU mean.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-        signal.signal(sig, signal.SIG_IGN)
+    process.ignore_group_signals()
 
 
 def run(spec: WorkerSpec) -> int:
@@ -459,11 +241,11 @@ def run(spec: WorkerSpec) -> int:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
-    _ignore_group_signals()
+    process.ignore_group_signals()
     keep = {0, 1, 2, spec.read_fd, spec.write_fd}
     keep |= {ss.sock.fileno() for ss in spec.sockets}
     # Before dropping privileges: after setuid /proc/self/fd is not ours to list.
-    _close_foreign_fds(keep)
+    process.close_foreign_fds(keep)
     os.set_blocking(spec.read_fd, False)
 
     # Our own code (the reactor, Twisted) loads with the master's rights; the
@@ -475,12 +257,8 @@ def run(spec: WorkerSpec) -> int:
     from . import reactor as shard_reactor
 
     reactor: Any = shard_reactor.install(spec.datapath)
-    if spec.run_as is not None:
-        uid, gid = spec.run_as
-        os.setgroups([gid])
-        os.setgid(gid)
-        os.setuid(uid)
-    _die_with_master(spec.master_pid)
+    process.drop_privileges(spec.run_as)
+    process.die_with_master(spec.master_pid)
     observer: Any = STDLibLogObserver()
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     worker = Worker(spec, reactor, out)
@@ -490,7 +268,7 @@ def run(spec: WorkerSpec) -> int:
         worker.boot()
     except AppError as exc:
         reason = str(exc)
-        if spec.run_as is not None and _unreadable(exc.cause):
+        if spec.run_as is not None and unreadable(exc.cause):
             reason += (f" (the worker runs as uid {spec.run_as[0]}: are the Python installation "
                        "and the APP readable by that user?)")
         if exc.cause is not None:

@@ -570,13 +570,17 @@ def test_a_worker_that_cannot_start_says_so_in_one_line_not_a_traceback() -> Non
 
 def test_a_bad_frame_read_after_the_worker_was_reaped_signals_no_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from shardudp import config, master, supervision, wire
+    from shardudp import config, master, services, supervision, wire
 
     cfg = config.build(cli={"app": "workers.echo:Echo", "bind": ["127.0.0.1:9"], "workers": 1})
-    m = master.Master(cfg)
-    m.sup = supervision.Supervisor(1, supervision.Policy(10.0, 5.0, 8.0), 0.0)
     actions: list[supervision.Action] = []
-    m.hooks.append(actions.append)
+
+    class Recorder(services.Service):
+        def after_action(self, action: supervision.Action) -> None:
+            actions.append(action)
+
+    m = master.Master(cfg, [Recorder()])
+    m.sup = supervision.Supervisor(1, supervision.Policy(10.0, 5.0, 8.0), 0.0)
 
     def no_fork(slot: int, incarnation: int) -> int:
         raise OSError(errno.EAGAIN, "not in this test")
@@ -602,9 +606,10 @@ def test_a_bad_frame_read_after_the_worker_was_reaped_signals_no_one(
         m.selector.close()
         m._wake_r.close()
         m._wake_w.close()
-    assert supervision.Kill(pid, "TERM") in actions  # the bad frame asked for it...
+    assert supervision.Kill(pid, supervision.Sig.TERM) in actions  # the bad frame asked for it...
     assert signals == []  # ...and nobody got it
-    assert [a.reason for a in actions if isinstance(a, supervision.Retired)] == ["wire"]
+    assert [a.reason for a in actions if isinstance(a, supervision.Retired)] == [
+        supervision.RestartReason.WIRE]
 
 
 def test_prints_from_workers_arrive_as_whole_lines() -> None:

@@ -26,7 +26,8 @@ from test_multicast_connected import GROUP
 
 from shardudp import control, wire
 from shardudp.errors import StartupError
-from shardudp.server import _claim_pid_file, _release_pid_file
+from shardudp.pidfile import claim as _claim_pid_file
+from shardudp.pidfile import release as _release_pid_file
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

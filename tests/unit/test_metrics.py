@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from shardudp.errors import BookkeepingError
 from shardudp.metrics import (
     RESTART_REASONS,
     U32_WRAP,
@@ -25,6 +26,7 @@ from shardudp.metrics import (
     parse_counts,
 )
 from shardudp.stats import DURATION_BUCKETS, ERROR_KINDS, ListenerStats
+from shardudp.supervision import RestartReason
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,19 +254,19 @@ def test_bad_ids_and_slot_mismatch_are_rejected() -> None:
 
 def test_restarts_counted_per_slot_and_reason() -> None:
     book = MetricsBook()
-    book.restart(0, "signal")
-    book.restart(0, "signal")
-    book.restart(1, "timeout")
+    book.restart(0, RestartReason.SIGNAL)
+    book.restart(0, RestartReason.SIGNAL)
+    book.restart(1, RestartReason.TIMEOUT)
     assert dict(book.snapshot().restarts) == {(0, "signal"): 2, (1, "timeout"): 1}
-    with pytest.raises(ValueError, match="unknown restart reason 'oom'"):
-        book.restart(0, "oom")
+    with pytest.raises(BookkeepingError, match="'oom' is not a RestartReason"):
+        book.restart(0, "oom")  # type: ignore[arg-type]
     assert set(RESTART_REASONS) == {"exit", "signal", "timeout", "wire", "boot"}
 
 
 def test_snapshot_is_frozen_and_detached_from_the_book() -> None:
     book = MetricsBook()
     book.report(0, 1, 1, {"a": snap(rx=1)}, now=1.0)
-    book.restart(0, "exit")
+    book.restart(0, RestartReason.EXIT)
     s1 = book.snapshot()
     assert book.snapshot() is s1  # cached while nothing changed
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -272,7 +274,7 @@ def test_snapshot_is_frozen_and_detached_from_the_book() -> None:
     with pytest.raises(TypeError):
         s1.restarts[(0, "exit")] = 5  # type: ignore[index]
     book.report(0, 1, 2, {"a": snap(rx=2)}, now=2.0)
-    book.restart(0, "exit")
+    book.restart(0, RestartReason.EXIT)
     assert s1.listeners[0].counts.rx_datagrams == 1
     assert s1.restarts[(0, "exit")] == 1
     assert book.snapshot().listeners[0].counts.rx_datagrams == 2

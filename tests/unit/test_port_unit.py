@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,6 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import DatagramProtocol
 
 from shardudp import datapaths
-from shardudp import port as port_mod
 from shardudp.port import (
     HAVE_C_BATCHIO,
     CShardPort,
@@ -161,28 +159,6 @@ def test_send_errors_map_like_stock_but_drop_on_full_buffers(
         reactor.runUntilCurrent()
     finally:
         s.close()
-
-
-def test_error_log_rate_limits(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="shardudp.port")
-    now = [100.0]
-    log = port_mod._ErrorLog("handler raised", interval=1.0, clock=lambda: now[0])
-    for i in range(50):
-        log.report(ValueError(f"n{i}"))
-    assert len(caplog.records) == 1
-    assert caplog.records[0].exc_info is not None
-    now[0] += 1.5
-    log.report(KeyError("late"))
-    assert len(caplog.records) == 2
-    summary = caplog.records[1].getMessage()
-    assert "50 more" in summary
-    assert "KeyError" in summary
-    assert caplog.records[1].exc_info is None
-    log.report(ValueError("x"))
-    log.flush()
-    assert "1 more" in caplog.records[2].getMessage()
-    log.flush()
-    assert len(caplog.records) == 3
 
 
 def test_address_cache_is_bounded(reactor: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,17 +51,46 @@ def test_public_api_is_pinned() -> None:
         [
             "SETTINGS",
             "Address",
+            "AppError",
+            "BookkeepingError",
             "ConfigError",
             "ExitCode",
             "Listener",
+            "Master",
             "ServerConfig",
+            "Service",
             "Setting",
             "ShardUDPError",
+            "ShardedSocketError",
             "StartupError",
             "WireError",
             "__version__",
             "build_config",
+            "build_server",
         ]
     )
     for name in shardudp.__all__:
         assert hasattr(shardudp, name)
+
+
+def test_every_public_exception_is_a_shardudp_error_and_exported() -> None:
+    import shardudp
+
+    raised = [getattr(shardudp, n) for n in shardudp.__all__
+              if isinstance(getattr(shardudp, n), type)
+              and issubclass(getattr(shardudp, n), BaseException)]
+    assert raised and all(issubclass(e, shardudp.ShardUDPError) for e in raised)
+    from shardudp import errors
+
+    for name in dir(errors):
+        obj = getattr(errors, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert name in shardudp.__all__, name
+
+
+def test_importing_the_cli_imports_no_twisted() -> None:
+    """``check`` imports APPs in a forked child: the command itself stays Twisted-free."""
+    code = "import sys, shardudp.cli; print(any(m.startswith('twisted') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

@@ -14,11 +14,13 @@ from shardudp.supervision import (
     Exit,
     Kill,
     Lead,
-    Log,
     OpenSlot,
     Policy,
+    RestartReason,
     Retired,
+    Say,
     SendStop,
+    Sig,
     Spawn,
     Supervisor,
     backoff_delay,
@@ -82,7 +84,7 @@ class Harness:
 
 
 def messages(out: list[object]) -> list[str]:
-    return [a.message for a in out if isinstance(a, Log)]
+    return [a.message for a in out if isinstance(a, Say)]
 
 
 def test_start_spawns_every_slot_and_all_ready_fires_once() -> None:
@@ -103,7 +105,7 @@ def test_crash_is_replaced_in_the_same_slot_immediately_then_with_backoff() -> N
     out = h.feed(h.sup.exited(pid, None, 9, h.now))
     spawns = [a for a in out if isinstance(a, Spawn)]
     assert [s.slot for s in spawns] == [1]
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["signal"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.SIGNAL]
     assert not h.sup.healthy()
     # Second crash while booting: delayed by the backoff.
     pid2 = h.pids()[1]
@@ -158,12 +160,12 @@ def test_missed_heartbeat_is_termed_then_killed_then_replaced() -> None:
     pid = h.pids()[0]
     h.now = 11.0
     out = h.feed(h.sup.tick(h.now))
-    assert Kill(pid, "TERM") in out
+    assert Kill(pid, Sig.TERM) in out
     h.now += POLICY.kill_grace
     out = h.feed(h.sup.tick(h.now))
-    assert Kill(pid, "KILL") in out
+    assert Kill(pid, Sig.KILL) in out
     out = h.feed(h.sup.exited(pid, None, 9, h.now))
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["timeout"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.TIMEOUT]
     assert any(isinstance(a, Spawn) for a in out)
 
 
@@ -182,9 +184,9 @@ def test_wire_fault_replaces_the_worker() -> None:
     h.ready_all()
     pid = h.pids()[0]
     out = h.feed(h.sup.wire_fault(pid, "garbage", h.now))
-    assert Kill(pid, "TERM") in out
+    assert Kill(pid, Sig.TERM) in out
     out = h.feed(h.sup.exited(pid, None, 15, h.now))
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["wire"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.WIRE]
     assert any(isinstance(a, Spawn) for a in out)
 
 
@@ -272,7 +274,7 @@ def test_kill_9_of_a_booting_worker_before_first_ready_is_a_crash_not_a_boot_fai
     assert not any(isinstance(a, Exit) for a in out)
     assert not h.sup.stopping
     assert [a.slot for a in out if isinstance(a, Spawn)] == [0]
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["signal"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.SIGNAL]
     # ...while exit status 3 (the worker's own verdict) still halts.
     out = h.feed(h.sup.exited(h.pids()[1], int(ExitCode.BOOT), None, h.now))
     assert h.sup.stopping
@@ -418,7 +420,7 @@ def test_pipe_eof_of_an_exiting_worker_is_not_a_fault() -> None:
     pid = h.pids()[0]
     h.feed(h.sup.pipe_closed(pid, h.now))
     out = h.feed(h.sup.exited(pid, None, 9, h.now + 0.01))
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["signal"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.SIGNAL]
     assert not any("pipe" in m for m in messages(out))
 
 
@@ -431,11 +433,11 @@ def test_pipe_eof_of_a_live_worker_gets_it_replaced() -> None:
     assert h.sup.next_deadline() == pytest.approx(h.now + PIPE_EOF_GRACE)
     h.now += PIPE_EOF_GRACE
     out = h.feed(h.sup.tick(h.now))
-    assert Kill(pid, "TERM") in out
+    assert Kill(pid, Sig.TERM) in out
     assert any("closed its pipe to the master; replacing it" in m for m in messages(out))
     assert not h.sup.healthy()
     out = h.feed(h.sup.exited(pid, None, 15, h.now))
-    assert [a.reason for a in out if isinstance(a, Retired)] == ["wire"]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.WIRE]
     assert [a.slot for a in out if isinstance(a, Spawn)] == [0]
 
 
@@ -483,9 +485,9 @@ def _kill_replacement(h: Harness, how: str) -> list[object]:
         for pid in list(h.sup.workers):
             if pid != new:  # the old workers keep heartbeating
                 h.feed(h.sup.heartbeat(pid, h.now))
-        assert Kill(new, "TERM") in h.feed(h.sup.tick(h.now))
+        assert Kill(new, Sig.TERM) in h.feed(h.sup.tick(h.now))
     elif how == "wire":
-        assert Kill(new, "TERM") in h.feed(h.sup.wire_fault(new, "garbage", h.now))
+        assert Kill(new, Sig.TERM) in h.feed(h.sup.wire_fault(new, "garbage", h.now))
     return h.feed(h.sup.exited(new, None, 9 if how == "signal" else 15, h.now))
 
 
@@ -560,7 +562,7 @@ def test_old_workers_expected_exit_during_reload_is_never_a_crash() -> None:
     crashes, spawn_at = h.sup.slots[0].crashes, h.sup.slots[0].spawn_at
     h.now += 0.1
     out = h.feed(h.sup.exited(old, 0, None, h.now))
-    assert [a.reason for a in out if isinstance(a, Retired)] == [""]
+    assert [a.reason for a in out if isinstance(a, Retired)] == [None]
     assert not any("exited with code 0" in m or "restarting" in m for m in messages(out))
     assert not any(isinstance(a, Spawn) for a in out)
     assert (h.sup.slots[0].crashes, h.sup.slots[0].spawn_at) == (crashes, spawn_at)
