@@ -86,13 +86,24 @@ typedef struct {
     int squeued;
 
     /* counters not yet added to stats */
-    unsigned long long rx_dgrams, rx_bytes, tx_dgrams, tx_bytes, tx_errors;
+    unsigned long long rx_dgrams, rx_bytes, tx_dgrams, tx_bytes, tx_errors, truncated;
     unsigned long long rx_seq;
+    Py_ssize_t truncated_max; /* the longest truncated datagram since the last push */
+
+    /* The in-flight record (shardudp.inflight), shared with the master: the
+     * sender of the datagram being handled, so a worker that dies in its
+     * handler names the source that killed it. */
+    Py_buffer rec_view;
+    char *rec;
+    uint32_t rec_state; /* the listener's number + 1 */
 } Engine;
 
 static PyObject *s_datagramReceived, *s_handler_failed, *s_slow_write, *s_refused,
     *s_async_send_failed, *s_send_failed, *s_observe_ns, *s_rx_datagrams, *s_rx_bytes,
-    *s_tx_datagrams, *s_tx_bytes, *s_tx_errors;
+    *s_tx_datagrams, *s_tx_bytes, *s_tx_errors, *s_truncated, *s_truncated_max;
+
+#define REC_ADDR_AT 8
+#define REC_ADDR_MAX 28
 
 /* ---- small helpers ---------------------------------------------------- */
 
@@ -160,9 +171,24 @@ push_stats(Engine *e)
         add_to_attr(e->stats, s_rx_bytes, e->rx_bytes) < 0 ||
         add_to_attr(e->stats, s_tx_datagrams, e->tx_dgrams) < 0 ||
         add_to_attr(e->stats, s_tx_bytes, e->tx_bytes) < 0 ||
-        add_to_attr(e->stats, s_tx_errors, e->tx_errors) < 0)
+        add_to_attr(e->stats, s_tx_errors, e->tx_errors) < 0 ||
+        add_to_attr(e->stats, s_truncated, e->truncated) < 0)
         PyErr_WriteUnraisable(e->stats);
-    e->rx_dgrams = e->rx_bytes = e->tx_dgrams = e->tx_bytes = e->tx_errors = 0;
+    if (e->truncated_max > 0) {
+        PyObject *cur = PyObject_GetAttr(e->stats, s_truncated_max);
+        Py_ssize_t was = cur ? PyLong_AsSsize_t(cur) : -1;
+        Py_XDECREF(cur);
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(e->stats);
+        else if (was < e->truncated_max) {
+            PyObject *v = PyLong_FromSsize_t(e->truncated_max);
+            if (v == NULL || PyObject_SetAttr(e->stats, s_truncated_max, v) < 0)
+                PyErr_WriteUnraisable(e->stats);
+            Py_XDECREF(v);
+        }
+    }
+    e->rx_dgrams = e->rx_bytes = e->tx_dgrams = e->tx_bytes = e->tx_errors = e->truncated = 0;
+    e->truncated_max = 0;
     restore_exception(pending);
 }
 
@@ -602,7 +628,9 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
             (unsigned)(max_count - total < e->adaptive ? max_count - total : e->adaptive);
         for (unsigned i = 0; i < want; i++)
             e->rmsg[i].msg_hdr.msg_namelen = sizeof(addr_t);
-        int n = recvmmsg(e->fd, e->rmsg, want, MSG_DONTWAIT, NULL);
+        /* MSG_TRUNC: msg_len is then the datagram's real length, so a
+         * truncated one is counted with the size that would have fitted. */
+        int n = recvmmsg(e->fd, e->rmsg, want, MSG_DONTWAIT | MSG_TRUNC, NULL);
         if (n < 0) {
             int err = errno;
             if (err == EINTR && retries++ < EINTR_RETRIES)
@@ -623,6 +651,12 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         long long batch_start = now_ns();
         for (int i = 0; i < n; i++) {
             Py_ssize_t len = (Py_ssize_t)e->rmsg[i].msg_len;
+            if (len > e->maxsize) {
+                e->truncated++;
+                if (len > e->truncated_max)
+                    e->truncated_max = len;
+                len = e->maxsize;
+            }
             PyObject *argv[2];
             argv[0] = PyBytes_FromStringAndSize(e->rbuf + (size_t)i * (size_t)e->maxsize, len);
             argv[1] = argv[0] ? addr_tuple(e, &e->rname[i], e->rmsg[i].msg_hdr.msg_namelen) : NULL;
@@ -635,6 +669,11 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
             e->cur_tuple = argv[1];
             e->cur_addr = &e->rname[i];
             e->cur_len = e->rmsg[i].msg_hdr.msg_namelen;
+            if (e->rec != NULL) {
+                socklen_t nl = e->cur_len < REC_ADDR_MAX ? e->cur_len : REC_ADDR_MAX;
+                memcpy(e->rec + REC_ADDR_AT, &e->rname[i], nl);
+                memcpy(e->rec, &e->rec_state, sizeof e->rec_state);
+            }
             PyObject *r;
             if (e->stats != NULL) {
                 e->rx_dgrams++;
@@ -651,6 +690,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
                 r = PyObject_Vectorcall(cb, argv, 2, NULL);
             }
             e->cur_tuple = NULL;
+            if (e->rec != NULL)
+                memset(e->rec, 0, sizeof e->rec_state);
             if (r == NULL)
                 handler_failed(e);
             else
@@ -688,6 +729,52 @@ Engine_set_connected(Engine *e, PyObject *addr)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+Engine_set_protocol(Engine *e, PyObject *obj)
+{
+    /* Read again at every read(): takes effect from the next batch. */
+    Py_SETREF(e->protocol, Py_NewRef(obj));
+    Py_RETURN_NONE;
+}
+
+static void
+release_record(Engine *e)
+{
+    if (e->rec != NULL) {
+        PyBuffer_Release(&e->rec_view);
+        e->rec = NULL;
+    }
+}
+
+static PyObject *
+Engine_set_record(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_record(buffer or None, listener)");
+        return NULL;
+    }
+    long index = PyLong_AsLong(args[1]);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "set_record: listener number out of range");
+        return NULL;
+    }
+    release_record(e);
+    if (args[0] == Py_None)
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(args[0], &e->rec_view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (e->rec_view.len < REC_ADDR_AT + REC_ADDR_MAX) {
+        PyBuffer_Release(&e->rec_view);
+        PyErr_SetString(PyExc_ValueError, "set_record: buffer too small");
+        return NULL;
+    }
+    e->rec = e->rec_view.buf;
+    e->rec_state = (uint32_t)index + 1;
+    Py_RETURN_NONE;
+}
+
 /* Drop every Python reference (breaking the port <-> engine cycle) and
  * close our own dup of the socket. */
 static void
@@ -700,6 +787,7 @@ engine_release(Engine *e)
     if (e->owns_fd && e->fd >= 0)
         close(e->fd);
     e->fd = -1;
+    release_record(e);
     Py_CLEAR(e->port);
     Py_CLEAR(e->protocol);
     Py_CLEAR(e->stats);
@@ -755,6 +843,7 @@ Engine_dealloc(Engine *e)
 {
     PyObject_GC_UnTrack(e);
     Engine_clear(e);
+    release_record(e);
     if (e->owns_fd && e->fd >= 0)
         close(e->fd);
     if (e->rxcache)
@@ -850,6 +939,10 @@ static PyMethodDef Engine_methods[] = {
      "set_connected(addr): the socket is now connected to addr"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,
      "close(): forget the fd and every Python reference"},
+    {"set_protocol", (PyCFunction)Engine_set_protocol, METH_O,
+     "set_protocol(obj): deliver to obj.datagramReceived from the next read on"},
+    {"set_record", (PyCFunction)(void (*)(void))Engine_set_record, METH_FASTCALL,
+     "set_record(buffer or None, listener): keep the in-flight record there"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -894,6 +987,8 @@ PyInit__batchio(void)
     INTERN(s_tx_datagrams, "tx_datagrams");
     INTERN(s_tx_bytes, "tx_bytes");
     INTERN(s_tx_errors, "tx_errors");
+    INTERN(s_truncated, "truncated");
+    INTERN(s_truncated_max, "truncated_max");
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&batchio_module);

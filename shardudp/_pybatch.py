@@ -38,6 +38,10 @@ from shardudp.sockets import SEND_DROP_ERRNOS
 __all__ = ["AVAILABLE", "MISSING", "Engine"]
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+_MSG_TRUNC: Final = socket.MSG_TRUNC
+# The in-flight record's layout (shardudp.inflight; the C engine uses the same).
+_REC_STATE: Final = struct.Struct("=I")
+_REC_ADDR_AT: Final = 8
 _EINTR_RETRIES: Final = 8
 # Delivering one batch should take about this long; see adapt_batch in _batchio.c.
 _BATCH_TARGET_NS: Final = 1_000_000
@@ -135,6 +139,8 @@ class Engine:
         "_qdata",
         "_qnames",
         "_rbuf_mv",
+        "_rec",
+        "_rec_state",
         "_rmsg_addr",
         "_rmsg_u32",
         "_rnames",
@@ -173,6 +179,8 @@ class Engine:
         self._family = family
         self._port = port
         self._protocol = protocol
+        self._rec: memoryview | None = None
+        self._rec_state = 0
         self._stats = stats
         self._maxsize = maxsize
         self._max_payload = _MAX_PAYLOAD_V4 if family == socket.AF_INET else 65527
@@ -424,7 +432,8 @@ class Engine:
         try:
             while total < max_count and nbytes < max_bytes and not self._close_pending:
                 want = min(max_count - total, self._batch)
-                n = _recvmmsg(self._fd, self._rmsg_addr, want, _MSG_DONTWAIT, None)
+                # MSG_TRUNC: msg_len is then the datagram's real length.
+                n = _recvmmsg(self._fd, self._rmsg_addr, want, _MSG_DONTWAIT | _MSG_TRUNC, None)
                 if n < 0:
                     err = ctypes.get_errno()
                     if err == errno.EINTR and retries < _EINTR_RETRIES:
@@ -469,6 +478,8 @@ class Engine:
         size = self._maxsize
         step = _MMSG_SIZE // _U32
         lens: list[int] = self._rmsg_u32[_MSG_LEN_AT:n * step:step].tolist()
+        if max(lens) > size:
+            lens = self._truncated(lens)
         names: tuple[bytes, ...] = self._name_structs[n].unpack_from(self._rnames)
         rbuf = self._rbuf_mv
         starts = range(0, n * size, size)
@@ -480,17 +491,44 @@ class Engine:
                     addrs[i] = self._sender(names[i])
         return lens, datas, addrs, names
 
+    def _truncated(self, lens: list[int]) -> list[int]:
+        """Count the datagrams longer than the buffer (cut to it), and the longest."""
+        size = self._maxsize
+        cut = [ln for ln in lens if ln > size]
+        if self._stats is not None:
+            self._stats.truncated += len(cut)
+            self._stats.truncated_max = max(self._stats.truncated_max, *cut)
+        return [min(ln, size) for ln in lens]
+
+    def set_protocol(self, obj: Any) -> None:
+        """Deliver to ``obj.datagramReceived`` from the next read on."""
+        self._protocol = obj
+
+    def set_record(self, record: Any, listener: int) -> None:
+        """Keep the in-flight record (``shardudp.inflight``) in ``record`` (None: don't)."""
+        self._rec = None if record is None else memoryview(record).cast("B")
+        self._rec_state = listener + 1
+
     def _deliver(self, n: int, deliver: Callable[[bytes, Any], object]) -> int:
         lens, datas, addrs, names = self._unpack(n)
-        for data, addr, name in zip(datas, addrs, names, strict=False):
-            self._cur = addr
-            self._cur_name = name
-            try:
-                deliver(data, addr)
-            except BaseException as exc:
-                self._handler_failed(exc)
-            if self._close_pending:
-                break
+        rec = self._rec
+        if rec is not None:
+            _REC_STATE.pack_into(rec, 0, self._rec_state)
+        try:
+            for data, addr, name in zip(datas, addrs, names, strict=False):
+                self._cur = addr
+                self._cur_name = name
+                if rec is not None:
+                    rec[_REC_ADDR_AT:_REC_ADDR_AT + len(name)] = name
+                try:
+                    deliver(data, addr)
+                except BaseException as exc:
+                    self._handler_failed(exc)
+                if self._close_pending:
+                    break
+        finally:
+            if rec is not None:
+                _REC_STATE.pack_into(rec, 0, 0)
         return sum(lens)
 
     def _deliver_counting(
@@ -500,10 +538,15 @@ class Engine:
         mask = self._sample_mask
         seq = first = self._rx_seq
         clock = time.perf_counter_ns
+        rec = self._rec
+        if rec is not None:
+            _REC_STATE.pack_into(rec, 0, self._rec_state)
         try:
             for data, addr, name in zip(datas, addrs, names, strict=False):
                 self._cur = addr
                 self._cur_name = name
+                if rec is not None:
+                    rec[_REC_ADDR_AT:_REC_ADDR_AT + len(name)] = name
                 seq += 1
                 try:
                     if seq & mask:
@@ -517,6 +560,8 @@ class Engine:
                 if self._close_pending:
                     break
         finally:
+            if rec is not None:
+                _REC_STATE.pack_into(rec, 0, 0)
             self._rx_seq = seq
             stats.rx_datagrams += seq - first
             stats.rx_bytes += sum(lens[:seq - first])
@@ -577,6 +622,7 @@ class Engine:
         self._fd = -1
         self._sock.close()
         self._port = self._protocol = self._stats = None
+        self._rec = None
         self._tx_cache.clear()
         self._rx_cache.clear()
 

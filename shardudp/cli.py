@@ -161,6 +161,13 @@ def _health(st: dict[str, Any]) -> str:
             problems.append(f"slot {sl['slot']} silent for {_fmt(sl['heartbeat_age'], 's')}")
         elif sl["state"] != "ready":
             problems.append(f"slot {sl['slot']} {sl['state']}")
+        for name, why in sorted((sl.get("not_serving") or {}).items()):
+            # What the state or the silence above says already is not repeated.
+            if why in ("booting", "no worker", "stopping") or (why == "not responding"
+                                                               and sl["slot"] in silent):
+                continue
+            steered = " (steered)" if name in (sl.get("steered") or []) else ""
+            problems.append(f"slot {sl['slot']} not serving {name}: {why}{steered}")
     return "UNHEALTHY" + (f" ({', '.join(problems)})" if problems else "")
 
 

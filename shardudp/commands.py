@@ -17,6 +17,7 @@ from . import control, logs
 from .config import BY_KEY
 from .monitor import Monitor
 from .services import Service
+from .steerer import Steerer
 
 if TYPE_CHECKING:
     from .master import Master
@@ -102,6 +103,9 @@ def status(master: Master, monitor: Monitor | None) -> dict[str, Any]:
     assert sup is not None
     now = master.clock()
     traffic = monitor.traffic(now) if monitor is not None else {}
+    steerer = master.service(Steerer)
+    not_serving = steerer.not_serving() if steerer is not None else {}
+    steered = steerer.steered() if steerer is not None else {}
     silent = monitor.silent if monitor is not None else frozenset()
     counting = monitor.counting if monitor is not None else False
     # The exporter's numbers: per slot what its own sockets dropped; the
@@ -128,12 +132,16 @@ def status(master: Master, monitor: Monitor | None) -> dict[str, Any]:
             "drops": drops.get(index, 0),
             "heartbeat_age": round(now - w.last_seen, 3) if w else None,
             "retiring": sl.retiring,
+            # listener -> why no worker reads the slot's sockets of it.
+            "not_serving": {name: why.value for (slot, name), why in sorted(not_serving.items())
+                            if slot == index},
+            "steered": sorted(name for slot, name in steered if slot == index),
         })
     return {
         "master_pid": master.pid,
         "uptime": round(now - master.started_at, 3),
         "workers": sup.size,
-        "healthy": sup.healthy() and not silent,
+        "healthy": sup.healthy() and not silent and not not_serving,
         "silent_slots": sorted(silent),
         "counting": counting,
         "stopping": sup.stopping,
@@ -141,4 +149,9 @@ def status(master: Master, monitor: Monitor | None) -> dict[str, Any]:
         "metrics_port": monitor.metrics_port if monitor is not None else None,
         "slots": slots,
         "listener_drops": dict(listener_drops),
+        # What the steering program computes (shardudp.steering), for tools
+        # and tests that want to know where a flow goes: the secret seed and
+        # each bucket's home slot. Only the master's own user can read this.
+        "steering": None if steerer is None or steerer.table is None or not steerer.programs
+        else {"seed": steerer.seed, "table": list(steerer.table.owners)},
     }

@@ -238,6 +238,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "How long a stopping worker may take before it is killed.", "SECONDS"),
     Setting("backoff_max", "server", _float(0.0, 3600), 30.0,
             "Cap of the exponential restart delay of a crash-looping slot.", "SECONDS"),
+    Setting("steering", "server", _bool, True,
+            "Attach the flow-steering program to unicast listeners (consistent flow-to-slot "
+            "mapping, flows of unread slots served by the others); off leaves flows to the "
+            "kernel's own hash.", switch=True),
+    Setting("steer_grace", "server", _float(0.0, 60.0), 0.2,
+            "How long a slot may go unread (no worker, not READY, not responding, its port "
+            "closed) before its flows are steered to the slots that are read.", "SECONDS"),
+    Setting("quarantine", "server", _float(0.0, 86400.0), 300.0,
+            "How long a source is refused after datagrams from it killed two workers "
+            "(0: never refuse).", "SECONDS"),
     Setting("metrics", "server", _local_address, None,
             "Serve /metrics and /healthz on HOST:PORT; PORT alone means 127.0.0.1:PORT "
             "(port 0 picks one and logs it).", "HOST:PORT"),
@@ -328,6 +338,9 @@ class ServerConfig:
     timeout: float
     graceful_timeout: float
     backoff_max: float
+    steering: bool
+    steer_grace: float
+    quarantine: float
     metrics: Address | None
     metrics_interval: float
     datapath: str
@@ -543,6 +556,9 @@ def build(
         timeout=merged["timeout"],
         graceful_timeout=merged["graceful_timeout"],
         backoff_max=merged["backoff_max"],
+        steering=merged["steering"],
+        steer_grace=merged["steer_grace"],
+        quarantine=merged["quarantine"],
         metrics=merged["metrics"],
         metrics_interval=merged["metrics_interval"],
         datapath=merged["datapath"],

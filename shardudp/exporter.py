@@ -100,6 +100,24 @@ class SlotWorker:
 
 
 @dataclass(frozen=True, slots=True)
+class MasterState:
+    """What the master's services decided, as /metrics and /healthz show it.
+
+    ``not_serving`` maps (slot, listener) to why no worker reads it;
+    ``steered`` are those whose flows go to other slots now; ``quarantined``
+    counts sources in quarantine per listener; ``log_dropped`` is how many
+    log records the master's output could not take.
+    """
+
+    listeners: tuple[str, ...] = ()
+    not_serving: Mapping[tuple[int, str], str] = field(
+        default_factory=lambda: MappingProxyType({}))
+    steered: frozenset[tuple[int, str]] = frozenset()
+    quarantined: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    log_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ExportView:
     """Everything one scrape needs, frozen. Build a new one to change anything.
 
@@ -122,6 +140,7 @@ class ExportView:
     # (--datapath as configured, what the workers run): which port the data
     # path is on, so a deploy that fell back to a slower one can be alerted on.
     datapath: tuple[str, str] | None = None
+    master: MasterState = field(default_factory=MasterState)
 
     def __post_init__(self) -> None:
         # Copy what the master handed in: it may keep mutating its own dict
@@ -134,6 +153,10 @@ class ExportView:
 
     def silent(self) -> list[int]:
         return sorted(s for s, w in self.workers.items() if w.ready and w.silent)
+
+    def not_serving(self) -> dict[tuple[int, str], str]:
+        """(slot, listener) -> why nobody reads it, for current slots only."""
+        return {k: why for k, why in self.master.not_serving.items() if k[0] in self.workers}
 
 
 class LatestView:
@@ -161,6 +184,14 @@ _TRAFFIC: Final = (
     ("shardudp_bytes_received_total", "Payload bytes received.", "rx_bytes"),
     ("shardudp_bytes_sent_total", "Payload bytes sent.", "tx_bytes"),
     ("shardudp_send_errors_total", "Sends that failed (e.g. EAGAIN, ECONNREFUSED).", "tx_errors"),
+    ("shardudp_datagrams_steered_total",
+     "Datagrams this slot served for flows whose home slot was not read (steered to it).",
+     "steered"),
+    ("shardudp_quarantine_dropped_total",
+     "Datagrams dropped before the handler: their source killed workers and is in quarantine.",
+     "refused"),
+    ("shardudp_datagrams_truncated_total",
+     "Datagrams longer than max_packet_size, cut to it before the handler.", "truncated"),
 )
 
 _DURATION_HELP: Final = (
@@ -211,6 +242,45 @@ class ShardCollector:
                         ("datapath", "configured"))
             dp.add_metric((view.datapath[1], view.datapath[0]), 1)
             yield dp
+        yield from self._master(view)
+
+    @staticmethod
+    def _master(view: ExportView) -> Iterator[Metric]:
+        state = view.master
+        serving = _gauge(
+            "shardudp_slot_serving",
+            "1 while a READY worker reads the slot's sockets of the listener; 0 while none "
+            "does (its flows go to other slots after steer_grace); current slots only.",
+            _SL)
+        why = _gauge(
+            "shardudp_slot_not_serving",
+            "1 for each (slot, listener) nobody reads, with why: no worker, booting, "
+            "stopping, not responding, closed by the APP.", (*_SL, "reason"))
+        steered = _gauge(
+            "shardudp_slot_steered",
+            "1 while the slot's flows of the listener are steered to other slots.", _SL)
+        not_serving = view.not_serving()
+        for slot in sorted(view.workers):
+            for name in state.listeners:
+                reason = not_serving.get((slot, name))
+                serving.add_metric((str(slot), name), 0 if reason else 1)
+                steered.add_metric((str(slot), name), 1 if (slot, name) in state.steered else 0)
+                if reason:
+                    why.add_metric((str(slot), name, reason), 1)
+        yield serving
+        yield why
+        yield steered
+        quarantined = _gauge("shardudp_quarantined_sources",
+                             "Sources in quarantine now (their datagrams killed workers).",
+                             ("listener",))
+        for name, n in sorted(state.quarantined.items()):
+            quarantined.add_metric((name,), n)
+        yield quarantined
+        dropped = _counter("shardudp_log_records_dropped",
+                           "Log records the master could not write: its output was not "
+                           "draining.", ())
+        dropped.add_metric((), state.log_dropped)
+        yield dropped
 
     @staticmethod
     def _slots(view: ExportView) -> list[int]:
@@ -369,6 +439,10 @@ def health_answer(source: Callable[[], ExportView], healthy: Callable[[], bool])
     problems = [f"slots {what}: {', '.join(map(str, slots))}"
                 for what, slots in (("not ready", waiting), ("not responding", silent))
                 if slots]
+    named = set(waiting) | set(silent)
+    problems += [f"slot {slot} not serving {name}: {reason}"
+                 for (slot, name), reason in sorted(view.not_serving().items())
+                 if slot not in named]
     return Response(503, _TEXT, ("; ".join(problems) or "not ready").encode() + b"\n")
 
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import resource
 import selectors
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, TypeVar, assert_never
 
-from . import datapaths, logs, process, sockets, supervision, wire
+from . import datapaths, inflight, logs, process, sockets, supervision, wire
 from .config import ServerConfig
 from .errors import ConfigError, ExitCode, StartupError, WireError
 from .services import Service
@@ -34,6 +35,10 @@ from .socketset import SlotSocket, SocketSet, kind_of
 from .supervision import Action, Sig
 
 log = logging.getLogger("shardudp.master")
+
+#: The loop sleeps at most a second; a turn that took this much longer than
+#: its sleep means the master itself did not run (SIGSTOP, a paused VM).
+STALL_SLACK: Final = 2.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
            signal.SIGCHLD)
@@ -55,6 +60,15 @@ class Child:
     from_fd: int  # we read the worker's frames here
     to_fd: int  # we write Stop / Activate here
     decoder: wire.Decoder
+    #: The page it keeps its in-flight datagram's source in (``shardudp.inflight``).
+    record: mmap.mmap | None = None
+
+    def culprit(self, listeners: Sequence[str]) -> tuple[str, str, int] | None:
+        """(listener, host, port) of the datagram its handler was on when it died."""
+        found = inflight.decode(self.record) if self.record is not None else None
+        if found is None or not 0 <= found[0] < len(listeners):
+            return None
+        return listeners[found[0]], found[1], found[2]
 
 
 def preload_worker_modules() -> None:
@@ -100,6 +114,8 @@ class Master:
         self.exit_reason = ""
         self.pid = os.getpid()
         self.started_at = self.clock()
+        #: When the loop last finished a turn: a much later wake-up is a stall.
+        self._progress = self.started_at
         #: (uid, gid) the workers run as (--user/--group), resolved by run().
         self.run_as: tuple[int, int] | None = None
         self.sup: supervision.Supervisor | None = None
@@ -234,7 +250,12 @@ class Master:
         now = self.clock()
         deadline = self._next_deadline()
         timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-        for key, mask in self.selector.select(timeout):
+        events = self.selector.select(timeout)
+        woke = self.clock()
+        # Before the workers' pipes are read or any deadline judged: their
+        # silence while we did not run says nothing about them.
+        self._check_stall(woke - self._progress - timeout, woke)
+        for key, mask in events:
             if key.data is None:
                 with contextlib.suppress(BlockingIOError):
                     while self._wake_r.recv(4096):
@@ -246,7 +267,15 @@ class Master:
         while self.signals:
             self._dispatch_signal(self.signals.popleft())
         self._reap()
-        self.apply(self.sup.tick(self.clock()))
+        now = self.clock()
+        self._check_stall(now - woke, now)
+        self.apply(self.sup.tick(now))
+        self._progress = self.clock()
+
+    def _check_stall(self, stalled: float, now: float) -> None:
+        assert self.sup is not None
+        if stalled > STALL_SLACK:
+            self.apply(self.sup.resumed(stalled, now))
 
     def _dispatch_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name.removeprefix("SIG").lower()
@@ -299,11 +328,15 @@ class Master:
             if pid == 0:
                 return
             child = self.children.pop(pid, None)
+            culprit = None
             if child is not None:
                 self._drain_and_close(child)
+                culprit = child.culprit([lst.name for lst in self.cfg.listeners])
+                if child.record is not None:
+                    child.record.close()
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            self.apply(self.sup.exited(pid, code, sig, self.clock()))
+            self.apply(self.sup.exited(pid, code, sig, self.clock(), culprit=culprit))
 
     # -- worker pipes
 
@@ -353,6 +386,10 @@ class Master:
                 self.apply(self.sup.ready(child.pid, now))
             case wire.BootFailed():
                 self.apply(self.sup.boot_failed(child.pid, msg.reason))
+            case wire.Left():
+                if msg.listener not in {lst.name for lst in self.cfg.listeners}:
+                    raise WireError(f"left names no listener of ours: {msg.listener!r}")
+                self.apply(self.sup.left(child.pid, msg.listener, msg.call, now))
             case wire.Heartbeat():
                 pass
             case _:
@@ -383,6 +420,10 @@ class Master:
                 self.selector.unregister(child.from_fd)
             os.close(child.from_fd)
             child.from_fd = -1
+
+    def send(self, pid: int, msg: wire.Message) -> None:
+        """Send ``msg`` to worker ``pid`` if it is ours and alive; never blocks."""
+        self._send(pid, msg)
 
     def _send(self, pid: int, msg: wire.Message) -> None:
         child = self.children.get(pid)
@@ -475,29 +516,35 @@ class Master:
             log.error("BUG: a Twisted reactor was installed in the master before fork")
         slot_socks = self.sockets.for_slot(slot)
         made: list[int] = []
+        record: mmap.mmap | None = None
         try:
             from_r, from_w = os.pipe()
             made += (from_r, from_w)
             to_r, to_w = os.pipe()
             made += (to_r, to_w)
+            record = inflight.new_record()
+            initial = [m for s in self.services for m in s.for_new_worker(slot)]
             pid = os.fork()
         except OSError:
             for fd in made:
                 os.close(fd)
+            if record is not None:
+                record.close()
             raise
         if pid == 0:  # pragma: no cover - runs in the child
-            self._become_worker(slot, incarnation, slot_socks, to_r, from_w)
+            self._become_worker(slot, incarnation, slot_socks, to_r, from_w, record, initial)
         os.close(from_w)
         os.close(to_r)
         os.set_blocking(from_r, False)
         os.set_blocking(to_w, False)
-        child = Child(pid, slot, incarnation, from_r, to_w, wire.Decoder())
+        child = Child(pid, slot, incarnation, from_r, to_w, wire.Decoder(), record)
         self.children[pid] = child
         self.selector.register(from_r, selectors.EVENT_READ, child)
         return pid
 
     def _become_worker(self, slot: int, incarnation: int, slot_socks: list[SlotSocket],
-                       read_fd: int, write_fd: int) -> None:
+                       read_fd: int, write_fd: int, record: mmap.mmap,
+                       initial: list[wire.Message]) -> None:
         code: int = ExitCode.ERROR
         try:
             fds = [ss.sock.fileno() for ss in slot_socks]
@@ -512,7 +559,8 @@ class Master:
                 datapath=self.datapath or self.cfg.datapath,
                 metrics_interval=self.cfg.metrics_interval,
                 heartbeat_interval=min(1.0, self.cfg.timeout / 4),
-                graceful_timeout=self.cfg.graceful_timeout, run_as=self.run_as)
+                graceful_timeout=self.cfg.graceful_timeout, run_as=self.run_as,
+                record=record, initial=tuple(initial))
             code = worker.run(spec)
         except BaseException as exc:
             # One line, straight to stderr: logging itself may be what broke.

@@ -41,6 +41,9 @@ _SCALARS: Final = (
     "tx_datagrams",
     "tx_bytes",
     "tx_errors",
+    "steered",
+    "refused",
+    "truncated",
     "duration_count",
     "duration_sum_ns",
 )
@@ -76,6 +79,9 @@ class Counts:
     tx_datagrams: int = 0
     tx_bytes: int = 0
     tx_errors: int = 0
+    steered: int = 0
+    refused: int = 0
+    truncated: int = 0
     duration_count: int = 0
     duration_sum_ns: int = 0
     errors: tuple[int, ...] = (0,) * len(ERROR_KINDS)
@@ -114,13 +120,17 @@ def _counts(
     scalars: Sequence[int], errors: tuple[int, ...], duration_buckets: tuple[int, ...]
 ) -> Counts:
     """Build Counts from scalar values in ``_SCALARS`` order."""
-    rx_datagrams, rx_bytes, tx_datagrams, tx_bytes, tx_errors, count, sum_ns = scalars
+    (rx_datagrams, rx_bytes, tx_datagrams, tx_bytes, tx_errors, steered, refused, truncated,
+     count, sum_ns) = scalars
     return Counts(
         rx_datagrams=rx_datagrams,
         rx_bytes=rx_bytes,
         tx_datagrams=tx_datagrams,
         tx_bytes=tx_bytes,
         tx_errors=tx_errors,
+        steered=steered,
+        refused=refused,
+        truncated=truncated,
         duration_count=count,
         duration_sum_ns=sum_ns,
         errors=errors,

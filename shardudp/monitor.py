@@ -10,23 +10,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Final
+from types import MappingProxyType
 
-from . import exporter, httpd, supervision, wire
+from . import exporter, httpd, logs, supervision, wire
 from .errors import WireError
-from .exporter import ExportView, LatestView, SlotWorker
+from .exporter import ExportView, LatestView, MasterState, SlotWorker
 from .httpd import HttpEndpoint
 from .master import Child
 from .metrics import MalformedReport, MetricsBook
+from .poison import Poison
 from .services import Service
+from .steerer import Steerer
 from .supervision import WorkerState
 
 log = logging.getLogger("shardudp.master")
 
-#: /healthz fails for a READY worker silent this long, or for --timeout if
-#: shorter. Workers heartbeat at least once a second (master.py), so this is
-#: three missed heartbeats or more; the supervisor kills it at --timeout.
-SILENT_AFTER: Final = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +55,7 @@ class Monitor(Service):
             collections.deque(maxlen=4)
         #: Slots whose READY worker has not been heard from for SILENT_AFTER.
         self.silent: frozenset[int] = frozenset()
+        self._state = MasterState()
 
     # -- hooks
 
@@ -104,6 +103,9 @@ class Monitor(Service):
         if silent != self.silent:
             self.silent = silent
             self._dirty = True
+        state = self._master_state()
+        if state != self._state:
+            self._dirty = True
         if self._dirty:
             self.publish()
 
@@ -143,7 +145,8 @@ class Monitor(Service):
 
     def healthy_view(self) -> bool:
         view = self.view()
-        return bool(view.workers) and not view.not_ready() and not view.silent()
+        return (bool(view.workers) and not view.not_ready() and not view.silent()
+                and not view.not_serving())
 
     # -- internals
 
@@ -157,13 +160,24 @@ class Monitor(Service):
         sup = self.master.sup
         if sup is None:
             return frozenset()
-        bound = min(self.master.cfg.timeout, SILENT_AFTER)
+        bound = sup.policy.silent_after
         silent = set()
         for index, sl in sup.slots.items():
             w = sup.workers.get(sl.current) if sl.current is not None else None
             if w is not None and w.state is WorkerState.READY and now - w.last_seen > bound:
                 silent.add(index)
         return frozenset(silent)
+
+    def _master_state(self) -> MasterState:
+        master = self.master
+        steerer, poison = master.service(Steerer), master.service(Poison)
+        return MasterState(
+            listeners=tuple(lst.name for lst in master.cfg.listeners),
+            not_serving=MappingProxyType({k: v.value for k, v in steerer.not_serving().items()})
+            if steerer is not None else MappingProxyType({}),
+            steered=frozenset(steerer.steered()) if steerer is not None else frozenset(),
+            quarantined=MappingProxyType(poison.counts() if poison is not None else {}),
+            log_dropped=logs.dropped())
 
     def publish(self) -> None:
         """Replace the view the HTTP endpoint serves with one of the current state."""
@@ -181,7 +195,8 @@ class Monitor(Service):
         socks = tuple((slot, ss.listener.name, ss.sock)
                       for slot, ss in master.sockets.all_sockets())
         dp = None if master.datapath is None else (master.cfg.datapath, master.datapath)
+        self._state = self._master_state()
         self.view.view = ExportView(book=self.book.snapshot(), workers=workers, sockets=socks,
                                     master_pid=master.pid, kernel=master.sockets.kernel_stats,
-                                    counting=self.counting, datapath=dp)
+                                    counting=self.counting, datapath=dp, master=self._state)
         self._dirty = False

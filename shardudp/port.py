@@ -36,7 +36,9 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, Self
 
 from twisted.internet import abstract, error
@@ -44,7 +46,7 @@ from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.udp import MulticastPort
 from zope.interface import implementer
 
-from shardudp import datapaths
+from shardudp import datapaths, inflight
 from shardudp.errorlog import ErrorLog, TwistedErrorLog
 from shardudp.errors import ShardedSocketError
 from shardudp.membership import ListenerMembership, canonical_ip, membership_of
@@ -73,6 +75,9 @@ _MessageLengthError: Any = error.MessageLengthError
 _StockPort: Any = MulticastPort
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+_STATE: Final = struct.Struct("=I")
+_ADDR_AT: Final = inflight.ADDR_AT
+_ADDR_MAX: Final = inflight.ADDR_MAX
 _SAMPLE_MASK: Final = SAMPLE_EVERY - 1
 DEFAULT_MAX_PACKET_SIZE: Final = 65535
 
@@ -108,6 +113,13 @@ class ShardPort(ListenerMembership):
 
     _stats: ListenerStats | None
     _shared: bool
+    #: What datagrams are delivered to: the protocol, or a ``Gate`` in front of it.
+    _target: Any
+    #: The in-flight record (``shardudp.inflight``) and this listener's state word.
+    _rec: memoryview | None = None
+    _rec_state: int = 0
+    #: Senders' sockaddr bytes for the record, by address tuple (bounded).
+    _rec_names: dict[Any, bytes]
     _errors: TwistedErrorLog
     _send_errors: ErrorLog
     _good_hosts: dict[object, None]
@@ -160,6 +172,8 @@ class ShardPort(ListenerMembership):
         self._sock = dup
         self._stats = stats
         self._shared = bool(shared)
+        self._target = protocol
+        self._rec_names = {}
         self._good_hosts = {}
         # Only the master's sockets have a membership it owns; a socket a
         # protocol opened itself (reactor.listenMulticast) joins as in Twisted.
@@ -172,6 +186,26 @@ class ShardPort(ListenerMembership):
 
     def _adopted(self) -> None:
         """Hook for subclasses, run at the end of adopt()."""
+
+    def set_gate(self, gate: Any) -> None:
+        """Deliver through ``gate`` (an object with ``datagramReceived``), or straight to
+        the protocol again with None. The gate costs nothing while absent."""
+        self._target = self.protocol if gate is None else gate
+
+    def set_record(self, record: Any, listener: int) -> None:
+        """Keep the sender of each datagram being handled in ``record``, an in-flight
+        record shared with the master (``shardudp.inflight``); None stops it."""
+        self._rec = None if record is None else memoryview(record).cast("B")
+        self._rec_state = listener + 1
+
+    def _record_name(self, addr: Any) -> bytes:
+        """The sockaddr bytes of ``addr`` for the in-flight record, cached (bounded)."""
+        names = self._rec_names
+        if len(names) >= self.addressCacheSize:
+            names.clear()
+        # Padded to the record's full width: one fixed-size slice store per datagram.
+        packed = names[addr] = inflight.sockaddr(addr[0], addr[1]).ljust(_ADDR_MAX, b"\0")
+        return packed
 
     @property
     def shared(self) -> bool:
@@ -329,9 +363,35 @@ class ShardPort(ListenerMembership):
             )
         _StockPort.connect(self, host, port)
 
+    # -- closing ----------------------------------------------------------
+
+    #: Called once with the name of the call that closed the port, when the
+    #: port was not closed by ``close_quietly`` (the worker stopping): the
+    #: worker tells the master the APP left this listener.
+    on_closed: Callable[[str], None] | None = None
+    _closed_by: str | None = None
+
+    def stopListening(self) -> Any:
+        if self._closed_by is None:
+            self._closed_by = "stopListening"
+        return _StockPort.stopListening(self)
+
+    def loseConnection(self) -> None:
+        if self._closed_by is None:
+            self._closed_by = "loseConnection"
+        _StockPort.loseConnection(self)
+
+    def close_quietly(self) -> Any:
+        """``stopListening`` for the worker's own graceful stop: nobody is told."""
+        self.on_closed = None
+        return self.stopListening()
+
     def connectionLost(self, reason: Any = None) -> None:
         self._errors.flush()
         self._send_errors.flush()
+        tell, self.on_closed = self.on_closed, None
+        if tell is not None:
+            tell(self._closed_by or "connectionLost")
         try:
             _StockPort.connectionLost(self, reason)
         except BaseException as exc:
@@ -395,18 +455,31 @@ class PythonLoopShardPort(ShardPort):
         self._tally = self._stats if self._stats is not None else ListenerStats()
 
     def _read(self, max_count: int, max_bytes: int) -> int:
+        rec = self._rec
+        if rec is None:
+            return self._read_loop(max_count, max_bytes, None)
+        _STATE.pack_into(rec, 0, self._rec_state)
+        try:
+            return self._read_loop(max_count, max_bytes, rec)
+        finally:
+            _STATE.pack_into(rec, 0, 0)
+
+    def _read_loop(self, max_count: int, max_bytes: int, rec: memoryview | None) -> int:
         stats = self._tally
         recvfrom = self._sock.recvfrom
         size = self.maxPacketSize
-        deliver = self.protocol.datagramReceived
+        # One byte more than fits: a longer datagram shows up as truncated.
+        bufsize = size + 1 if size < DEFAULT_MAX_PACKET_SIZE else size
+        deliver = self._target.datagramReceived
         v6 = self.addressFamily == socket.AF_INET6
         clock = time.perf_counter_ns
         observe = stats.observe_ns
+        names = self._rec_names
         nbytes = 0
         # for/range and early returns: the cheapest loop CPython 3.11 offers.
         for count in range(max_count):
             try:
-                data, addr = recvfrom(size, _MSG_DONTWAIT)
+                data, addr = recvfrom(bufsize, _MSG_DONTWAIT)
             except BlockingIOError:
                 return count
             except ConnectionRefusedError:
@@ -418,10 +491,15 @@ class PythonLoopShardPort(ShardPort):
                     return count
                 raise
             n = len(data)
+            if n > size:
+                stats.count_truncated(0)  # recvfrom cannot say how long it was
+                data, n = data[:size], size
             stats.rx_bytes += n
             stats.rx_datagrams += 1
             if v6:
                 addr = addr[:2]
+            if rec is not None:
+                rec[_ADDR_AT:_ADDR_AT + _ADDR_MAX] = names.get(addr) or self._record_name(addr)
             try:
                 if stats.rx_datagrams & _SAMPLE_MASK:
                     deliver(data, addr)
@@ -444,13 +522,25 @@ class TwistedShardPort(ShardPort):
     datapath = "twisted"
 
     def _read(self, max_count: int, max_bytes: int) -> int:
+        rec = self._rec
+        if rec is not None:
+            _STATE.pack_into(rec, 0, self._rec_state)
+        try:
+            return self._read_stock(max_count, max_bytes)
+        finally:
+            if rec is not None:
+                _STATE.pack_into(rec, 0, 0)
+
+    def _read_stock(self, max_count: int, max_bytes: int) -> int:
         # Stock bounds a read by bytes only; the count bound is ours (drain).
         count = 0
         read = 0
         stats = self._stats
+        size = self.maxPacketSize
         while read < max_bytes and count < max_count:
             try:
-                data, addr = self._sock.recvfrom(self.maxPacketSize, _MSG_DONTWAIT)
+                data, addr = self._sock.recvfrom(
+                    size + 1 if size < DEFAULT_MAX_PACKET_SIZE else size, _MSG_DONTWAIT)
             except BlockingIOError:
                 return count
             except ConnectionRefusedError:
@@ -461,20 +551,27 @@ class TwistedShardPort(ShardPort):
                 if not self.connected:  # a handler closed the port mid-batch
                     return count
                 raise
+            if len(data) > size:
+                if stats is not None:
+                    stats.count_truncated(0)  # recvfrom cannot say how long it was
+                data = data[:size]
             read += len(data)
             count += 1
             if self.addressFamily == socket.AF_INET6:
                 addr = addr[:2]
+            if self._rec is not None:
+                self._rec[_ADDR_AT:_ADDR_AT + _ADDR_MAX] = (self._rec_names.get(addr)
+                                                            or self._record_name(addr))
             if stats is not None:
                 stats.rx_datagrams += 1
                 stats.rx_bytes += len(data)
             try:
                 if stats is not None and not stats.rx_datagrams & _SAMPLE_MASK:
                     t0 = time.perf_counter_ns()
-                    self.protocol.datagramReceived(data, addr)
+                    self._target.datagramReceived(data, addr)
                     stats.observe_ns(time.perf_counter_ns() - t0)
                 else:
-                    self.protocol.datagramReceived(data, addr)
+                    self._target.datagramReceived(data, addr)
             except BaseException as exc:
                 self._handler_failed(exc)
         return count
@@ -523,6 +620,14 @@ class _BatchShardPort(ShardPort):
 
     def _read(self, max_count: int, max_bytes: int) -> int:
         return int(self._engine.read(max_count, max_bytes))
+
+    def set_gate(self, gate: Any) -> None:
+        super().set_gate(gate)
+        self._engine.set_protocol(self._target)
+
+    def set_record(self, record: Any, listener: int) -> None:
+        super().set_record(record, listener)
+        self._engine.set_record(record, listener)
 
     def _slow_write(self, datagram: bytes, addr: Any) -> bool:
         """First write to a destination (or any odd case): stock checks, sent now.

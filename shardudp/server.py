@@ -6,9 +6,13 @@ Order matters where one service acts on what another did in the same hook:
    with the same pid file is refused before it claims anything else.
 2. ``ControlService`` (``--control``): the control socket, claimed before any
    UDP socket is bound, so a clash is refused having bound nothing.
-3. ``Monitor``: aggregates worker reports and publishes the view that
+3. ``Steerer``: decides which slots are read and steers flows around the
+   others; before the monitor, so what it publishes is what the kernel does.
+4. ``Poison``: hears which source a worker died on, quarantines it after two
+   deaths and keeps every worker told.
+5. ``Monitor``: aggregates worker reports and publishes the view that
    /metrics and /healthz serve; it republishes on ``AllReady`` before...
-4. ``Announcer`` logs "all N workers ready" and tells systemd READY=1, so
+6. ``Announcer`` logs "all N workers ready" and tells systemd READY=1, so
    whoever acts on either finds /healthz at 200.
 """
 
@@ -23,7 +27,9 @@ from .config import ServerConfig
 from .master import Master
 from .monitor import Monitor
 from .pidfile import PidFile
+from .poison import Poison
 from .services import Announcer, Service
+from .steerer import Steerer
 
 
 def build(cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> Master:
@@ -35,5 +41,6 @@ def build(cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> 
     path = control.resolve_path(cfg.control)
     if path is not None:
         services.append(ControlService(path, monitor))
-    services += [monitor, Announcer()]
+    services += [Steerer(cfg.steer_grace, programs=cfg.steering), Poison(cfg.quarantine),
+                 monitor, Announcer()]
     return Master(cfg, services, clock=clock)

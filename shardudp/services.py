@@ -20,6 +20,9 @@ Hooks, in the order a server's life calls them:
     called on every service then.
 ``started()``
     Sockets bound and the supervisor created, before the first worker is forked.
+``for_new_worker(slot)``
+    Just before a worker is forked for ``slot``: messages it must apply before
+    it reads its first datagram (they travel in its spec, not its pipe).
 ``after_action(action)``
     After the master carried out one supervisor action.
 ``on_message(child, msg, now)``
@@ -67,6 +70,9 @@ class Service:
 
     def started(self) -> None:
         pass
+
+    def for_new_worker(self, slot: int) -> list[wire.Message]:
+        return []
 
     def after_action(self, action: supervision.Action) -> None:
         pass

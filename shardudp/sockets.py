@@ -35,6 +35,8 @@ from .errors import StartupError
 log = logging.getLogger("shardudp.sockets")
 
 SO_ATTACH_FILTER: Final = 26
+SO_ATTACH_REUSEPORT_CBPF: Final = 51
+SO_DETACH_REUSEPORT_BPF: Final = 68
 IP_MULTICAST_ALL: Final = 49
 IPV6_MULTICAST_ALL: Final = 29
 SKF_NET_OFF: Final = -0x100000
@@ -99,11 +101,31 @@ def shard_of(src_ip: str, src_port: int, count: int) -> int:
     return ((folded * _KNUTH & 0xFFFFFFFF) >> 16) % count
 
 
+def _fprog(prog: list[Insn]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
+    """A ``struct sock_fprog`` for ``prog``, and the buffer it points into (keep it alive)."""
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog))
+    return struct.pack("@HP", len(prog), ctypes.addressof(buf)), buf
+
+
+def attach_reuseport_program(sock: socket.socket, prog: list[Insn]) -> None:
+    """Steer ``sock``'s whole reuseport group with ``prog`` (it returns a member's index)."""
+    fprog, _buf = _fprog(prog)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def detach_reuseport_program(sock: socket.socket) -> None:
+    """Back to the kernel's hash for ``sock``'s group (no program attached is fine)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
 def attach_filter(sock: socket.socket, prog: list[Insn]) -> None:
     """Attach the classic BPF socket filter ``prog`` (SO_ATTACH_FILTER) to ``sock``."""
 
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog))
-    fprog = struct.pack("@HP", len(prog), ctypes.addressof(buf))
+    fprog, _buf = _fprog(prog)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 

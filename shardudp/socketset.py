@@ -78,6 +78,14 @@ class SocketSet:
         self._shares: dict[socket.socket, tuple[Share, ...]] = {}
         self._logged_rcvbuf: set[str] = set()
         self._detached: set[int] = set()
+        #: Each group listener's reuseport members as slots, in the kernel's
+        #: order (``socks[]``): binding appends; leaving moves the last member
+        #: into the leaver's place. A steering program names members by index.
+        self._members: dict[str, list[int]] = {lst.name: [] for lst in listeners
+                                              if kind_of(lst) == "group"}
+        #: Per shard listener, the slots whose filters must not keep any share
+        #: (no worker reads them): their sources go to the others meanwhile.
+        self._idle: dict[str, frozenset[int]] = {}
         self._drops = DropBook()
         self._lock = threading.Lock()
 
@@ -92,6 +100,9 @@ class SocketSet:
                 self._close_own(made)
                 raise
             self._by_slot[slot] = made
+            for ss in made:
+                if ss.kind == "group":
+                    self._members[ss.listener.name].append(slot)
             # Sampled while its new shard sockets still refuse everything:
             # that keeps the shard drop arithmetic exact (shardudp.drops).
             self._sample()
@@ -148,6 +159,11 @@ class SocketSet:
         for ss in self._by_slot.get(slot, ()):
             if ss.kind == "group":
                 sockets.detach_from_group(ss.sock)
+                members = self._members[ss.listener.name]
+                if slot in members:
+                    i = members.index(slot)
+                    members[i] = members[-1]
+                    members.pop()
             elif ss.kind == "fanout":
                 # Not a drop-all filter: the kernel would count every datagram
                 # it refuses as a drop of this slot.
@@ -166,6 +182,39 @@ class SocketSet:
             self._drops.forget(closed)
             self._detached.discard(slot)
 
+    def members(self, listener: str) -> tuple[int, ...]:
+        """The slots of a group listener's reuseport members, in the kernel's order."""
+        return tuple(self._members.get(listener, ()))
+
+    def group_listeners(self) -> list[Listener]:
+        """The listeners whose sockets form a reuseport group (steerable)."""
+        return [lst for lst in self.listeners if lst.name in self._members]
+
+    def shard_listeners(self) -> list[Listener]:
+        return [lst for lst in self.listeners if kind_of(lst) == "shard"]
+
+    def steer(self, listener: str, program: list[sockets.Insn] | None) -> None:
+        """Attach ``program`` to a group listener's reuseport group (None: the kernel's hash).
+
+        Through any member: the program belongs to the whole group.
+        """
+        with self._lock:
+            member = next((ss.sock for slot in self._members.get(listener, ())
+                           for ss in self._by_slot[slot] if ss.listener.name == listener), None)
+            if member is None:
+                return
+            if program is None:
+                sockets.detach_reuseport_program(member)
+            else:
+                sockets.attach_reuseport_program(member, program)
+
+    def set_idle(self, listener: str, idle: frozenset[int]) -> None:
+        """Shard listener: ``idle`` slots keep no share; the others split theirs."""
+        with self._lock:
+            if self._idle.get(listener, frozenset()) != idle:
+                self._idle[listener] = idle
+                self._refilter()
+
     def close_all(self) -> None:
         with self._lock:
             for lst in self._by_slot.values():
@@ -177,6 +226,8 @@ class SocketSet:
             self._tally.clear()
             self._shares.clear()
             self._detached.clear()
+            for members in self._members.values():
+                members.clear()
 
     def _close_own(self, slot_sockets: list[SlotSocket]) -> list[socket.socket]:
         """Close the sockets that are the slot's own (not the shared single one); return them."""
@@ -242,16 +293,24 @@ class SocketSet:
         the two phases, a few microseconds, may be handled twice, never zero
         times.
         """
-        live = [s for s in sorted(self._by_slot) if s not in self._detached]
-        want = {slot: ((i, len(live)),) for i, slot in enumerate(live)}
+        attached = [s for s in sorted(self._by_slot) if s not in self._detached]
+        want: dict[tuple[int, str], tuple[Share, ...]] = {}
+        for lst in self.shard_listeners():
+            idle = self._idle.get(lst.name, frozenset())
+            # Nobody reading at all: keep every share where it is, to queue.
+            live = [s for s in attached if s not in idle] or attached
+            for i, slot in enumerate(live):
+                want[slot, lst.name] = ((i, len(live)),)
         shard = [(slot, ss) for slot, ss in self.all_sockets() if ss.kind == "shard"]
         for slot, ss in shard:
             now = self._shares[ss.sock]
-            if slot in want and want[slot][0] not in now:
-                self._set_shares(ss.sock, now + want[slot])
+            new = want.get((slot, ss.listener.name), ())
+            if new and new[0] not in now:
+                self._set_shares(ss.sock, now + new)
         for slot, ss in shard:
-            if self._shares[ss.sock] != want.get(slot, ()):
-                self._set_shares(ss.sock, want.get(slot, ()))
+            new = want.get((slot, ss.listener.name), ())
+            if self._shares[ss.sock] != new:
+                self._set_shares(ss.sock, new)
 
     def _set_shares(self, sock: socket.socket, shares: tuple[Share, ...]) -> None:
         sockets.attach_filter(sock, sockets.shard_filter(shares, sock.family == socket.AF_INET6))

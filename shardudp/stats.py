@@ -61,8 +61,12 @@ class ListenerStats:
         "duration_count",
         "duration_sum_ns",
         "errors",
+        "refused",
         "rx_bytes",
         "rx_datagrams",
+        "steered",
+        "truncated",
+        "truncated_max",
         "tx_bytes",
         "tx_datagrams",
         "tx_errors",
@@ -74,11 +78,24 @@ class ListenerStats:
         self.tx_datagrams = 0
         self.tx_bytes = 0
         self.tx_errors = 0
+        #: Datagrams of flows whose home slot was not read, served here instead.
+        self.steered = 0
+        #: Datagrams dropped before the handler: their source is in quarantine.
+        self.refused = 0
+        #: Datagrams longer than max_packet_size, cut to it; and the longest seen.
+        self.truncated = 0
+        self.truncated_max = 0
         self.errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         # One slot per finite bucket plus the +Inf bucket; not cumulative.
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_count = 0
         self.duration_sum_ns = 0
+
+    def count_truncated(self, size: int) -> None:
+        """A datagram of ``size`` bytes (0 when unknown) was cut to max_packet_size."""
+        self.truncated += 1
+        if size > self.truncated_max:
+            self.truncated_max = size
 
     def count_error(self, exc: BaseException) -> None:
         self.errors[error_kind(exc)] += 1
@@ -96,6 +113,10 @@ class ListenerStats:
             "tx_datagrams": self.tx_datagrams,
             "tx_bytes": self.tx_bytes,
             "tx_errors": self.tx_errors,
+            "steered": self.steered,
+            "refused": self.refused,
+            "truncated": self.truncated,
+            "truncated_max": self.truncated_max,
             "errors": dict(self.errors),
             "duration_buckets": list(self.duration_buckets),
             "duration_count": self.duration_count,

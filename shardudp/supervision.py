@@ -45,6 +45,18 @@ BACKOFF_BASE: Final = 0.5
 #: A worker's pipe reaches EOF a moment before the worker can be reaped, so
 #: an EOF is a fault only if the worker is still there this much later.
 PIPE_EOF_GRACE: Final = 1.0
+#: A READY worker not heard from for this long (or half of --timeout if
+#: shorter) does not count as reading its sockets: its flows are steered to
+#: other slots and /healthz fails. Workers heartbeat at least once a second
+#: (and four times per --timeout), so this is two missed heartbeats or more;
+#: the supervisor kills it at --timeout.
+SILENT_AFTER: Final = 3.0
+#: Deaths attributed to a source (a worker died in its handler) restart the
+#: slot at once, without backoff, while they come from at most this many
+#: distinct sources within STABLE_AFTER: a poison datagram is its sender's
+#: fault (and the sender ends up in quarantine), but a handler that dies on
+#: every sender still backs off.
+POISON_RESTARTS: Final = 3
 #: A rolling reload tries this many new workers for a slot (the replacement
 #: killed, timed out or sent bad frames before READY) before giving up.
 RELOAD_TRIES: Final = 3
@@ -76,6 +88,10 @@ class StopReason(enum.Enum):
     TIMEOUT = "timeout"
     #: A fault: it sent a bad frame, or closed its pipe.
     WIRE = "wire"
+    #: The APP closed one of the worker's listener ports (stopListening).
+    CLOSED = "closed"
+    #: Over the memory limit: replaced once its successor is READY.
+    MEMORY = "memory"
 
     @property
     def planned(self) -> bool:
@@ -94,6 +110,8 @@ class RestartReason(enum.Enum):
     TIMEOUT = "timeout"
     WIRE = "wire"
     BOOT = "boot"
+    CLOSED = "closed"
+    MEMORY = "memory"
 
 
 class Sig(enum.Enum):
@@ -101,6 +119,16 @@ class Sig(enum.Enum):
 
     TERM = "TERM"
     KILL = "KILL"
+
+
+class NotServing(enum.Enum):
+    """Why a slot's sockets (of one listener) have no worker reading them."""
+
+    DOWN = "no worker"
+    BOOTING = "booting"
+    STOPPING = "stopping"
+    UNRESPONSIVE = "not responding"
+    CLOSED = "closed by the APP"
 
 
 class SlotState(enum.Enum):
@@ -194,6 +222,9 @@ class Retired:
     slot: int
     incarnation: int
     reason: RestartReason | None
+    #: (listener, host, port) of the datagram its handler was on when it died
+    #: unexpectedly, if the master could tell.
+    culprit: tuple[str, str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +268,8 @@ class WorkerRecord:
     boot_error: str | None = None
     #: When its pipe to us reached EOF while it should be running.
     pipe_closed_at: float | None = None
+    #: Listeners whose port the APP closed, and the call that closed it.
+    left: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -256,6 +289,10 @@ class Slot:
     opening: bool = False  # added by a scale-up; its sockets are not open yet
     #: New workers of the current reload that died before READY.
     reload_failures: int = 0
+    #: Added by a scale-up and no worker was ever forked for it.
+    fresh: bool = False
+    #: Recent deaths blamed on a poison source: (when, which source).
+    poison_deaths: list[tuple[float, str]] = dataclasses.field(default_factory=list)
 
     def state(self, workers: dict[int, WorkerRecord]) -> SlotState:
         """The slot's state given the supervisor's worker records (the module's table)."""
@@ -281,6 +318,11 @@ class Policy:
     backoff_max: float
 
     @property
+    def silent_after(self) -> float:
+        """How long a READY worker may be silent and still count as reading its sockets."""
+        return min(self.timeout / 2, SILENT_AFTER)
+
+    @property
     def kill_grace(self) -> float:
         """TERM to KILL for a worker that is wedged, not merely slow to stop."""
         return min(self.graceful_timeout, 5.0)
@@ -290,6 +332,8 @@ class Policy:
 _RESTART_FOR_STOP: Final[dict[StopReason | None, RestartReason]] = {
     StopReason.TIMEOUT: RestartReason.TIMEOUT,
     StopReason.WIRE: RestartReason.WIRE,
+    StopReason.CLOSED: RestartReason.CLOSED,
+    StopReason.MEMORY: RestartReason.MEMORY,
 }
 
 
@@ -380,6 +424,7 @@ class Supervisor:
         if s is None:  # slot removed while forking: nothing to serve
             return self._request_stop(w, StopReason.SCALE, now, drain=False)
         s.spawning = False
+        s.fresh = False
         if s.current is None:
             s.current = pid
         else:
@@ -400,6 +445,10 @@ class Supervisor:
             return self._close_if_empty(s)
         if s.current is not None:  # the replacement of a rolling reload
             return self._abort_reload(f"cannot start a new worker for slot {slot}: {reason}")
+        if s.fresh:
+            # A scale-up that cannot fork (no fds, no memory) stops here: a
+            # slot that never had a worker must not keep sockets in a group.
+            return self._cancel_scale_up(f"cannot start a worker for new slot {slot}: {reason}")
         return self._restart_later(s, f"cannot start a worker for slot={slot}: {reason}", now,
                                    at_once=False)
 
@@ -417,12 +466,21 @@ class Supervisor:
         The failed slot and every later one of the scale-up are dropped (the
         next ones would fail alike); the operator can ask again later.
         """
-        cancelled = [i for i, s in self.slots.items() if s.opening]
-        for i in cancelled:
-            del self.slots[i]
+        return self._cancel_scale_up(f"cannot open sockets for new slot {slot}: {reason}")
+
+    def _cancel_scale_up(self, why: str) -> list[Action]:
+        """Drop every slot of the scale-up under way that never had a worker.
+
+        Those whose sockets are open are closed: the newest first, so each is
+        the last member of its reuseport group and no other socket moves.
+        """
+        out: list[Action] = []
+        for i in sorted((i for i, s in self.slots.items() if s.fresh), reverse=True):
+            s = self.slots.pop(i)
+            if not s.opening:
+                out.append(CloseSlot(i))
         self._reload = [i for i in self._reload if i in self.slots]
-        return [Say("error", f"cannot open sockets for new slot {slot}: {reason}; "
-                             f"scale-up stopped at {self.size} workers"),
+        return [Say("error", f"{why}; scale-up stopped at {self.size} workers"), *out,
                 *self._check_all_ready()]
 
     def heartbeat(self, pid: int, now: float) -> list[Action]:
@@ -456,6 +514,60 @@ class Supervisor:
             w.boot_error = reason
         return []
 
+    def left(self, pid: int, listener: str, call: str, now: float) -> list[Action]:
+        """The APP closed worker ``pid``'s port of ``listener`` (``call``: how).
+
+        Nobody reads that listener's sockets of the slot any more: the slot
+        stops counting as serving it (its flows are steered elsewhere) and the
+        worker is replaced, its queue kept for the next one.
+        """
+        w = self.workers.get(pid)
+        if w is None or listener in w.left:
+            return []
+        w.left[listener] = call
+        if w.stop_reason is not None:
+            return []
+        return self._replace(w, StopReason.CLOSED,
+                             f"worker slot={w.slot} pid={pid}: the APP called {call}() on "
+                             f"listener {listener}; its flows go to other slots", now)
+
+    def serving(self, now: float, listener: str) -> dict[int, NotServing | None]:
+        """Every current slot (not retiring, sockets open): None if a worker reads its
+        sockets of ``listener``, else why not."""
+        out: dict[int, NotServing | None] = {}
+        for i, s in self.slots.items():
+            if s.retiring or s.opening:
+                continue
+            w = self.workers.get(s.current) if s.current is not None else None
+            if w is None:
+                out[i] = NotServing.DOWN
+            elif listener in w.left:
+                out[i] = NotServing.CLOSED
+            elif w.state is WorkerState.BOOTING:
+                out[i] = NotServing.BOOTING
+            elif w.state is WorkerState.STOPPING:
+                out[i] = NotServing.STOPPING
+            elif w.state is WorkerState.READY and now - w.last_seen > self.policy.silent_after:
+                out[i] = NotServing.UNRESPONSIVE
+            else:
+                out[i] = None
+        return out
+
+    def resumed(self, stalled: float, now: float) -> list[Action]:
+        """The master itself did not run for ``stalled`` seconds (SIGSTOP, a paused VM).
+
+        Its workers' silence over that time says nothing about them: every
+        deadline moves by the stall, so nobody is killed for the master's nap.
+        """
+        for w in self.workers.values():
+            w.last_seen = min(now, w.last_seen + stalled)
+            if w.kill_at is not None:
+                w.kill_at += stalled
+            if w.pipe_closed_at is not None:
+                w.pipe_closed_at += stalled
+        return [Say("warning", f"the master did not run for {stalled:.1f}s; workers' "
+                               "heartbeat deadlines restart from now")] if self.workers else []
+
     def pipe_closed(self, pid: int, now: float) -> list[Action]:
         """EOF on the worker's pipe: it can no longer heartbeat or report.
 
@@ -474,7 +586,11 @@ class Supervisor:
         return self._replace(w, StopReason.WIRE,
                              f"worker slot={w.slot} pid={pid}: bad frame: {reason}", now)
 
-    def exited(self, pid: int, code: int | None, signal: int | None, now: float) -> list[Action]:
+    def exited(self, pid: int, code: int | None, signal: int | None, now: float, *,
+               culprit: tuple[str, str, int] | None = None) -> list[Action]:
+        """Worker ``pid`` is gone (reaped). ``culprit`` is (listener, host, port) of the
+        datagram its handler was on when it died, if the master could tell
+        (``shardudp.inflight``): an unexpected death there restarts without backoff."""
         w = self.workers.pop(pid, None)
         if w is None:
             return []
@@ -482,7 +598,13 @@ class Supervisor:
         label, text = describe_exit(code, signal)
         expected = w.stop_reason is not None and w.stop_reason.planned
         reason = None if expected else _RESTART_FOR_STOP.get(w.stop_reason, label)
-        out: list[Action] = [Retired(w.slot, w.incarnation, reason)]
+        if expected or self._stopping is not None or (code == 0 and signal is None):
+            culprit = None
+        out: list[Action] = [Retired(w.slot, w.incarnation, reason, culprit)]
+        poison = None
+        if culprit is not None:
+            listener, host, port = culprit
+            poison = f"{f'[{host}]' if ':' in host else host}:{port} on {listener}"
         was_incoming = s is not None and s.incoming == pid
         if s is not None:
             if s.current == pid:
@@ -527,8 +649,17 @@ class Supervisor:
         if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
             s.crashes = 0
         out += self._check_all_ready()
+        s.poison_deaths = [(t, src) for t, src in s.poison_deaths if now - t < STABLE_AFTER]
+        if poison is not None:
+            s.poison_deaths.append((now, poison))
         if s.current is not None:  # mid-reload: the old worker died, its replacement boots
             out.append(Say("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}"))
+        elif poison is not None and len({src for _, src in s.poison_deaths}) <= POISON_RESTARTS:
+            # The sender's fault, not the slot's: no backoff, so its flows
+            # are back before anything is steered away.
+            self._reload = [i for i in self._reload if i != s.index]
+            out += [Say("warning", f"{msg}; restarting at once: it died handling a datagram "
+                                   f"from {poison}"), *self._spawn(s)]
         else:
             out += self._restart_later(s, msg, now)
         return out + self._advance_reload(now)
@@ -547,9 +678,11 @@ class Supervisor:
                     out += [Say("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
                                            "time; killing"), Kill(w.pid, Sig.KILL)]
             elif now - w.last_seen > self.policy.timeout:
+                # KILL at once: it already failed to answer, and its slot's
+                # flows wait (steered away) until a new worker reads them.
                 out += self._replace(w, StopReason.TIMEOUT,
                                      f"worker slot={w.slot} pid={w.pid} missed its heartbeat for "
-                                     f"{now - w.last_seen:.1f}s", now)
+                                     f"{now - w.last_seen:.1f}s", now, sig=Sig.KILL)
                 out += self._check_all_ready()
         return out
 
@@ -613,7 +746,7 @@ class Supervisor:
             out.append(Say("info", f"scaling up from {len(live)} to {n} workers"))
             busy = any(s.opening for s in self.slots.values())
             for i in range(nxt, nxt + n - len(live)):
-                self.slots[i] = Slot(i, opening=True)
+                self.slots[i] = Slot(i, opening=True, fresh=True)
             if not busy:  # else the chain under way reaches the new ones
                 out += self._open_next()
             self._all_ready = False
@@ -692,10 +825,13 @@ class Supervisor:
             s.reload_failures = 0
         return [Say("error", f"reload aborted: {why}; old workers keep serving")]
 
-    def _replace(self, w: WorkerRecord, why: StopReason, text: str, now: float) -> list[Action]:
-        """TERM a faulty worker (KILL after the grace); ``exited`` replaces it."""
-        w.stop_reason, w.state, w.kill_at = why, WorkerState.STOPPING, now + self.policy.kill_grace
-        return [Say("error", f"{text}; replacing it"), Kill(w.pid, Sig.TERM)]
+    def _replace(self, w: WorkerRecord, why: StopReason, text: str, now: float, *,
+                 sig: Sig = Sig.TERM) -> list[Action]:
+        """Signal a faulty worker (TERM, then KILL after the grace); ``exited`` replaces it."""
+        w.stop_reason, w.state = why, WorkerState.STOPPING
+        w.kill_at = now + self.policy.kill_grace if sig is Sig.TERM else None
+        level = "warning" if why is StopReason.CLOSED else "error"
+        return [Say(level, f"{text}; replacing it"), Kill(w.pid, sig)]
 
     def _close_if_empty(self, s: Slot) -> list[Action]:
         if s.current is None and s.incoming is None and not s.spawning:

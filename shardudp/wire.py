@@ -129,6 +129,17 @@ class Log(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Left(Message):
+    """The APP closed the worker's port of ``listener`` (``call``: stopListening,
+    loseConnection): nothing reads that listener's sockets in this slot any more."""
+
+    TAG: ClassVar[str] = "left"
+    MAX_LEN: ClassVar[dict[str, int]] = {"listener": LOG_NAME_MAX, "call": LOG_NAME_MAX}
+    listener: str
+    call: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Stop(Message):
     """Master -> worker: stop gracefully within ``timeout`` seconds.
 
@@ -142,6 +153,28 @@ class Stop(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Refuse(Message):
+    """Master -> worker: drop datagrams from ``sources`` (``host port`` each) of
+    ``listener`` before the handler: they are in quarantine. Replaces the list."""
+
+    TAG: ClassVar[str] = "refuse"
+    listener: str
+    sources: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cover(Message):
+    """Master -> worker: count the datagrams of ``listener`` whose flow bucket
+    (``shardudp.steering``, with ``seed``) is in ``buckets``: flows steered to
+    us from slots that are not read. An empty list stops counting."""
+
+    TAG: ClassVar[str] = "cover"
+    listener: str
+    seed: int
+    buckets: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
 class Activate(Message):
     """Master -> worker: start (or stop) reading a standby listener."""
 
@@ -152,7 +185,8 @@ class Activate(Message):
 
 _TYPES: Final[dict[str, type[Message]]] = {
     cls.TAG: cls
-    for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Log, Stop, Activate)
+    for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Log, Left, Stop, Refuse,
+                Cover, Activate)
 }
 _PY_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "int": (int,),
@@ -160,6 +194,7 @@ _PY_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "str": (str,),
     "bool": (bool,),
     "list[str]": (list,),
+    "list[int]": (list,),
     "dict[str, Any]": (dict,),
 }
 
@@ -181,6 +216,9 @@ def _check_field(cls: type[Message], name: str, type_name: str, value: object) -
         raise WireError(f"{tag}.{name}: expected {type_name}, got {type(value).__name__}")
     if type_name == "list[str]" and not all(isinstance(v, str) for v in value):  # type: ignore[attr-defined]
         raise WireError(f"{tag}.{name}: expected a list of strings")
+    if type_name == "list[int]" and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):  # type: ignore[attr-defined]
+        raise WireError(f"{tag}.{name}: expected a list of integers")
     if type_name == "dict[str, Any]" and not all(isinstance(k, str) for k in value):  # type: ignore[attr-defined]
         raise WireError(f"{tag}.{name}: expected string keys")
     limit = cls.MAX_LEN.get(name)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, Final
 
 from . import logs, process, wire
 from .apploader import AppError, booting, load_app, raised, unreadable
 from .errors import ExitCode
+from .gate import Gate
 from .pipewriter import PipeWriter
 from .socketset import SlotSocket
 from .stats import ListenerStats
@@ -55,6 +58,11 @@ class WorkerSpec:
     graceful_timeout: float
     #: (uid, gid) to drop to after fork, or None to keep the master's.
     run_as: tuple[int, int] | None = None
+    #: The in-flight record shared with the master (``shardudp.inflight``).
+    record: Any = None
+    #: What the master's services ask of a new worker before it reads a
+    #: datagram (quarantined sources, steering counts), as their messages.
+    initial: tuple[wire.Message, ...] = ()
 
 
 class Worker:
@@ -73,6 +81,7 @@ class Worker:
         self.ports: dict[str, Any] = {}
         self.kinds: dict[str, str] = {}
         self.stats: dict[str, ListenerStats] = {}
+        self.gates: dict[str, Gate] = {}
         self.stopping = False
         self.hb_seq = 0
         self.metrics_seq = 0
@@ -97,14 +106,37 @@ class Worker:
             return
         decoded = self.decoder.feed(data)
         for msg in decoded.messages:
-            if isinstance(msg, wire.Stop):
-                self.stop(msg.timeout, drain=msg.drain)
-            elif isinstance(msg, wire.Activate):
-                self.activate(msg.listener, msg.active)
+            self.on_message(msg)
         if decoded.error is not None:
             log.error("bad frame from the master (%s); stopping", decoded.error)
             self.reactor.removeReader(self)
             self.stop(self.spec.graceful_timeout, drain=False)
+
+    def on_message(self, msg: wire.Message) -> None:
+        """Carry out one of the master's messages."""
+        match msg:
+            case wire.Stop():
+                self.stop(msg.timeout, drain=msg.drain)
+            case wire.Activate():
+                self.activate(msg.listener, msg.active)
+            case wire.Refuse():
+                sources = []
+                for text in msg.sources:
+                    host, _, port = text.rpartition(" ")
+                    if port.isdigit():
+                        sources.append((host, int(port)))
+                self._gate(msg.listener, lambda g: g.refuse(sources))
+            case wire.Cover():
+                self._gate(msg.listener, lambda g: g.cover(msg.seed, msg.buckets))
+            case _:
+                log.error("unexpected %s message from the master; ignored", msg.TAG)
+
+    def _gate(self, name: str, change: Callable[[Gate], None]) -> None:
+        gate, port = self.gates.get(name), self.ports.get(name)
+        if gate is None or port is None:
+            return
+        change(gate)
+        port.set_gate(gate if gate.active else None)
 
     def connectionLost(self, reason: object) -> None:
         pass
@@ -131,7 +163,7 @@ class Worker:
                 factories[ss.listener.name] = load_app(ss.listener.app)
         cls = port_class(self.spec.datapath)
         counting = self.spec.metrics_interval > 0
-        for ss in self.spec.sockets:
+        for number, ss in enumerate(self.spec.sockets):
             name = ss.listener.name
             stats = ListenerStats() if counting else None
             if stats is not None:
@@ -141,6 +173,15 @@ class Worker:
             port: Any = cls.adopt(ss.sock, proto, self.reactor, stats=stats, shared=ss.shared,
                                   max_packet_size=ss.listener.max_packet_size,
                                   multicast_interface=ss.listener.multicast_interface or "")
+            if self.spec.record is not None:
+                port.set_record(self.spec.record, number)
+            self.ports[name] = port
+            self.gates[name] = Gate(proto, stats)
+            # Before the port reads anything: a quarantined source's datagram
+            # may be the first one queued.
+            for msg in self.spec.initial:
+                if getattr(msg, "listener", None) == name:
+                    self.on_message(msg)
             with booting(ss.listener):
                 try:
                     port.startListening()  # runs the APP's startProtocol
@@ -148,10 +189,17 @@ class Worker:
                     raise raised("startProtocol", exc) from None
             if ss.kind == "single":
                 port.stopReading()  # standby until the master names us leader
-            self.ports[name] = port
+            port.on_closed = functools.partial(self._left, name)
             self.kinds[name] = ss.kind
             # The port holds its own dup; ours would keep the file open twice.
             ss.sock.close()
+
+    def _left(self, name: str, call: str) -> None:
+        """The APP closed our port of listener ``name``: the master must know, so that
+        the slot's flows go elsewhere and this worker is replaced."""
+        log.warning("the APP called %s() on listener %s: this worker no longer reads it; "
+                    "the master will replace it", call, name)
+        self.out.send(wire.Left(listener=name, call=call))
 
     def activate(self, name: str, active: bool) -> None:
         port = self.ports.get(name)
@@ -187,7 +235,7 @@ class Worker:
             self._drain(time.monotonic() + timeout / 2)
         from twisted.internet import defer
 
-        waits = [d for d in (port.stopListening() for port in self.ports.values()) if d]
+        waits = [d for d in (port.close_quietly() for port in self.ports.values()) if d]
         defer.DeferredList(waits).addBoth(lambda _: self.reactor.stop())
 
     def _drain(self, deadline: float) -> None:

@@ -250,3 +250,20 @@ class SurrogateLog(DatagramProtocol):
 
     def datagramReceived(self, data, addr):
         self.transport.write(data, addr)
+
+
+class Faulty(DatagramProtocol):
+    """WhoAmI (``pid:payload``), plus payloads that break the worker in the ways
+    the blackhole audit measured: ``poison`` (os._exit in the handler),
+    ``close`` (the APP closes its own port), ``wedge`` (a handler that never
+    returns)."""
+
+    def datagramReceived(self, data, addr):
+        if data.startswith(b"poison"):
+            os._exit(7)
+        if data.startswith(b"close"):
+            self.transport.stopListening()
+            return
+        if data.startswith(b"wedge"):
+            time.sleep(3600)
+        self.transport.write(b"%d:" % os.getpid() + data, addr)

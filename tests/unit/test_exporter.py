@@ -34,7 +34,7 @@ from shardudp.exporter import (
     SlotWorker,
 )
 from shardudp.master import Master
-from shardudp.metrics import MetricsBook
+from shardudp.metrics import RESTART_REASONS, MetricsBook
 from shardudp.monitor import Monitor
 from shardudp.sockstats import KernelStats
 from shardudp.stats import SAMPLE_EVERY, ListenerStats
@@ -222,7 +222,7 @@ def test_workers_restarts_age_build_and_processes(served: tuple[str, LatestView,
     restarts = values(fams["shardudp_worker_restarts"], "shardudp_worker_restarts_total")
     assert restarts[(("reason", "signal"), ("slot", "1"))] == 1.0
     assert restarts[(("reason", "boot"), ("slot", "0"))] == 0.0
-    assert len(restarts) == 2 * 5
+    assert len(restarts) == 2 * len(RESTART_REASONS)
     # The fixture's clock says 110; the book saw reports at 100 and 101.
     assert values(fams["shardudp_worker_last_report_age_seconds"]) == {
         (("slot", "0"),): 10.0,

@@ -8,7 +8,9 @@ from shardudp import commands, config, control, master, server, supervision
 from shardudp.commands import ControlService
 from shardudp.monitor import Monitor
 from shardudp.pidfile import PidFile
+from shardudp.poison import Poison
 from shardudp.services import Announcer, Service
+from shardudp.steerer import Steerer
 
 
 def test_every_command_has_a_handler() -> None:
@@ -33,9 +35,10 @@ def test_the_standard_services_come_in_their_documented_order() -> None:
                             "pid_file": "/tmp/x.pid", "control": "/tmp/x.sock"})
     m = server.build(cfg)
     try:
-        assert [type(s) for s in m.services] == [PidFile, ControlService, Monitor, Announcer]
+        assert [type(s) for s in m.services] == [PidFile, ControlService, Steerer, Poison,
+                                                 Monitor, Announcer]
         assert all(s.master is m for s in m.services)
-        assert m.service(Monitor) is m.services[2]
+        assert m.service(Monitor) is m.services[4]
     finally:
         m.selector.close()
         m._wake_r.close()

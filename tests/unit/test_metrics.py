@@ -260,7 +260,8 @@ def test_restarts_counted_per_slot_and_reason() -> None:
     assert dict(book.snapshot().restarts) == {(0, "signal"): 2, (1, "timeout"): 1}
     with pytest.raises(BookkeepingError, match="'oom' is not a RestartReason"):
         book.restart(0, "oom")  # type: ignore[arg-type]
-    assert set(RESTART_REASONS) == {"exit", "signal", "timeout", "wire", "boot"}
+    assert set(RESTART_REASONS) == {"exit", "signal", "timeout", "wire", "boot", "closed",
+                                    "memory"}
 
 
 def test_snapshot_is_frozen_and_detached_from_the_book() -> None:

@@ -14,6 +14,7 @@ from shardudp.supervision import (
     Exit,
     Kill,
     Lead,
+    NotServing,
     OpenSlot,
     Policy,
     RestartReason,
@@ -154,16 +155,16 @@ def test_boot_failure_after_service_started_is_a_crash_not_a_halt() -> None:
     assert h.sup.next_deadline() is not None
 
 
-def test_missed_heartbeat_is_termed_then_killed_then_replaced() -> None:
+def test_missed_heartbeat_is_killed_at_once_then_replaced() -> None:
+    """A wedged worker already failed to answer: the TERM grace is for graceful stops."""
     h = Harness(1)
     h.ready_all()
     pid = h.pids()[0]
     h.now = 11.0
     out = h.feed(h.sup.tick(h.now))
-    assert Kill(pid, Sig.TERM) in out
+    assert Kill(pid, Sig.KILL) in out and Kill(pid, Sig.TERM) not in out
     h.now += POLICY.kill_grace
-    out = h.feed(h.sup.tick(h.now))
-    assert Kill(pid, Sig.KILL) in out
+    assert not any(isinstance(a, Kill) for a in h.feed(h.sup.tick(h.now)))
     out = h.feed(h.sup.exited(pid, None, 9, h.now))
     assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.TIMEOUT]
     assert any(isinstance(a, Spawn) for a in out)
@@ -485,7 +486,7 @@ def _kill_replacement(h: Harness, how: str) -> list[object]:
         for pid in list(h.sup.workers):
             if pid != new:  # the old workers keep heartbeating
                 h.feed(h.sup.heartbeat(pid, h.now))
-        assert Kill(new, Sig.TERM) in h.feed(h.sup.tick(h.now))
+        assert Kill(new, Sig.KILL if how == "timeout" else Sig.TERM) in h.feed(h.sup.tick(h.now))
     elif how == "wire":
         assert Kill(new, Sig.TERM) in h.feed(h.sup.wire_fault(new, "garbage", h.now))
     return h.feed(h.sup.exited(new, None, 9 if how == "signal" else 15, h.now))
@@ -596,3 +597,83 @@ def test_fd_estimate_counts_each_slots_sockets_and_pipes_and_the_shared_sockets(
     assert fds_needed(10, slot_sockets=1, shared_sockets=3) - one == 3
     # The audit's case: 400 workers on one listener do not fit `ulimit -n 1024`.
     assert fds_needed(400, slot_sockets=1, shared_sockets=0) > 1024
+
+
+# -- serving, steering and poison (no blackholes) -----------------------------
+
+
+def test_serving_says_why_a_slot_is_not_read() -> None:
+    h = Harness(3)
+    assert set(h.sup.serving(h.now, "echo").values()) == {NotServing.BOOTING}
+    h.ready_all()
+    assert set(h.sup.serving(h.now, "echo").values()) == {None}
+    pids = h.pids()
+    # Slot 0 silent for longer than half the timeout: not responding.
+    h.now = POLICY.silent_after + 1
+    for slot in (1, 2):
+        h.feed(h.sup.heartbeat(pids[slot], h.now))
+    assert h.sup.serving(h.now, "echo") == {0: NotServing.UNRESPONSIVE, 1: None, 2: None}
+    # Slot 1's APP closes its port of one listener: that listener only.
+    out = h.feed(h.sup.left(pids[1], "echo", "stopListening", h.now))
+    assert Kill(pids[1], Sig.TERM) in out
+    assert h.sup.serving(h.now, "echo")[1] is NotServing.CLOSED
+    assert h.sup.serving(h.now, "dns")[1] is NotServing.STOPPING
+    out = h.feed(h.sup.exited(pids[1], 0, None, h.now))
+    assert [a.reason for a in out if isinstance(a, Retired)] == [RestartReason.CLOSED]
+    assert h.sup.serving(h.now, "echo")[1] is NotServing.BOOTING  # its replacement
+
+
+def test_a_stalled_master_gives_its_workers_a_fresh_deadline() -> None:
+    h = Harness(2)
+    h.ready_all()
+    h.now = 2 * POLICY.timeout  # the master was stopped all that time
+    out = h.feed(h.sup.resumed(2 * POLICY.timeout, h.now))
+    assert any("did not run" in m for m in messages(out))
+    assert not any(isinstance(a, Kill) for a in h.feed(h.sup.tick(h.now)))
+    h.now += POLICY.timeout + 1  # then silent for real
+    assert any(isinstance(a, Kill) for a in h.feed(h.sup.tick(h.now)))
+
+
+def test_a_scale_up_that_cannot_fork_stops_and_closes_the_slots_without_workers() -> None:
+    h = Harness(2)
+    h.ready_all()
+    h.fail_fork = 1
+    out = h.feed(h.sup.scale(5, h.now))
+    assert any("scale-up stopped at" in m for m in messages(out))
+    # The slot whose fork failed never had a worker: its sockets are closed, and
+    # the slots after it are never opened.
+    closed = [a.slot for a in out if isinstance(a, CloseSlot)]
+    assert 2 in closed and 4 not in closed  # slot 3's open was already under way
+    assert sorted(h.sup.slots) == [0, 1] and h.sup.size == 2
+
+
+def test_deaths_blamed_on_a_source_restart_at_once_until_many_sources_do_it() -> None:
+    h = Harness(1)
+    h.ready_all()
+    for i in range(6):  # one source, six times: never a backoff
+        out = h.feed(h.sup.exited(h.pids()[0], 7, None, h.now,
+                                  culprit=("echo", "10.0.0.1", 4000)))
+        assert any(isinstance(a, Spawn) for a in out), i
+        assert [a.culprit for a in out if isinstance(a, Retired)] == [
+            ("echo", "10.0.0.1", 4000)]
+        h.ready_all()
+        h.now += 0.5
+    backoff = []
+    for port in range(1, 6):  # many sources: the handler dies on everything
+        out = h.feed(h.sup.exited(h.pids()[0], 7, None, h.now,
+                                  culprit=("echo", "10.0.0.1", port)))
+        backoff += [m for m in messages(out) if "restarting in" in m]
+        if any(s.spawn_at is not None for s in h.sup.slots.values()):
+            _run_due_spawns(h)
+        h.ready_all()
+        h.now += 0.1
+    assert backoff
+
+
+def test_a_planned_stop_names_no_culprit() -> None:
+    h = Harness(1)
+    h.ready_all()
+    pid = h.pids()[0]
+    h.feed(h.sup.shutdown(ExitCode.OK, "test", h.now))
+    out = h.feed(h.sup.exited(pid, 0, None, h.now, culprit=("echo", "10.0.0.1", 1)))
+    assert [a.culprit for a in out if isinstance(a, Retired)] == [None]

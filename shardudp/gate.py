@@ -1,0 +1,73 @@
+"""A port's gate: checks between the socket and the protocol, present only while needed.
+
+The master may ask a worker to refuse some sources (quarantine) or to count
+the datagrams it serves for slots that are not read (steering). A port then
+delivers through a ``Gate`` instead of straight to the protocol; with
+nothing to check it goes straight again, so the common case pays nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from .stats import ListenerStats
+from .steering import bucket_of, flow_hash
+
+#: Senders remembered as lent or not while counting steered datagrams.
+_LENT_CACHE: Final = 4096
+
+
+class Gate:
+    """Stands in front of one port's protocol (its ``datagramReceived``).
+
+    Owned by the worker, which updates it from the master's ``Refuse`` and
+    ``Cover`` messages and installs it with ``port.set_gate``.
+    """
+
+    __slots__ = ("_deliver", "_lent", "_lent_cache", "_seed", "_stats", "refused")
+
+    def __init__(self, protocol: Any, stats: ListenerStats | None) -> None:
+        self._deliver: Callable[[bytes, Any], object] = protocol.datagramReceived
+        self._stats = stats if stats is not None else ListenerStats()
+        #: (host, port) pairs whose datagrams are dropped before the handler.
+        self.refused: frozenset[tuple[str, int]] = frozenset()
+        self._lent: frozenset[int] | None = None
+        self._seed = 0
+        self._lent_cache: dict[Any, bool] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.refused) or self._lent is not None
+
+    def refuse(self, sources: Iterable[tuple[str, int]]) -> None:
+        self.refused = frozenset(sources)
+
+    def cover(self, seed: int, buckets: Iterable[int]) -> None:
+        """Count datagrams whose bucket is among ``buckets`` (lent to us); none: stop."""
+        lent = frozenset(buckets)
+        self._lent = lent or None
+        self._seed = seed
+        self._lent_cache.clear()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if addr in self.refused:
+            self._stats.refused += 1
+            return
+        if self._lent is not None:
+            lent = self._lent_cache.get(addr)
+            if lent is None:
+                lent = self._is_lent(addr)
+            if lent:
+                self._stats.steered += 1
+        self._deliver(data, addr)
+
+    def _is_lent(self, addr: Any) -> bool:
+        assert self._lent is not None
+        cache = self._lent_cache
+        if len(cache) >= _LENT_CACHE:
+            cache.clear()
+        packed = ipaddress.ip_address(addr[0]).packed
+        lent = cache[addr] = bucket_of(flow_hash(packed, addr[1], self._seed)) in self._lent
+        return lent
