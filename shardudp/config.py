@@ -299,6 +299,17 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "BYTES"),
     Setting("max_packet_size", "listener", _int(1, 65535), 65535,
             "Largest datagram read whole; longer ones are truncated.", "BYTES"),
+    Setting("session_idle", "listener", _float(0.0, 86400.0), 0.0,
+            "Session keeping: a flow (source address and port) that sent nothing for this "
+            "long has ended. Flows active within it stay with their worker across a reload or "
+            "scale until they go idle (or drain_timeout). 0 turns session keeping off.",
+            "SECONDS"),
+    Setting("drain_timeout", "listener", _float(0.1, 86400.0), 60.0,
+            "Session keeping: how long a replaced worker keeps serving its flows at most; "
+            "those still busy then are cut and go to the new worker.", "SECONDS"),
+    Setting("session_table", "listener", _int(16, 1 << 20), 65536,
+            "Session keeping: flows each worker tracks per listener (least recently seen "
+            "evicted first, counted).", "FLOWS"),
     Setting("name", "listener", _str, None,
             "Listener name used in metrics labels (default: derived from the address).", "NAME"),
 )
@@ -323,6 +334,14 @@ class Listener:
     rcvbuf: int | None
     sndbuf: int | None
     max_packet_size: int
+    session_idle: float = 0.0
+    drain_timeout: float = 60.0
+    session_table: int = 65536
+
+    @property
+    def sessions(self) -> bool:
+        """Whether this listener keeps sessions across reloads and scaling."""
+        return self.session_idle > 0
 
     @property
     def private(self) -> bool:
@@ -375,6 +394,9 @@ class ServerConfig:
                     d[key] = getattr(lst, key)
             for key in ("rcvbuf", "sndbuf", "max_packet_size"):
                 if getattr(lst, key) is not None:
+                    d[key] = getattr(lst, key)
+            if lst.sessions:
+                for key in ("session_idle", "drain_timeout", "session_table"):
                     d[key] = getattr(lst, key)
             listeners.append(d)
         out["listener"] = listeners
@@ -627,6 +649,10 @@ def _make_listener(
     if mcast and addr is not None and iface is not None and (":" in iface) != (":" in addr.host):
         errors.append(f"{label('multicast_interface')}: {iface} is not of the group's "
                       "address family")
+    if v["session_idle"] and addr is not None and (mcast or addr.port == 0):
+        errors.append(f"{label('session_idle')}: session keeping needs a unicast listener on a "
+                      "fixed port (a reuseport group to steer); this one is "
+                      + ("multicast" if mcast else "on port 0"))
     if addr is None or v["app"] is None:
         return None
     return Listener(
@@ -643,6 +669,9 @@ def _make_listener(
         rcvbuf=v["rcvbuf"],
         sndbuf=v["sndbuf"],
         max_packet_size=int(v["max_packet_size"] or 65535),
+        session_idle=float(v["session_idle"]),
+        drain_timeout=float(v["drain_timeout"]),
+        session_table=int(v["session_table"]),
     )
 
 
