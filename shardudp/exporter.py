@@ -115,6 +115,9 @@ class MasterState:
     steered: frozenset[tuple[int, str]] = frozenset()
     quarantined: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     log_dropped: int = 0
+    #: Session keeping, per listener: (held now, drained, {cut reason: n}, moved by scaling).
+    sessions: Mapping[str, tuple[int, int, Mapping[str, int], int]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,8 @@ _TRAFFIC: Final = (
      "refused"),
     ("shardudp_datagrams_truncated_total",
      "Datagrams longer than max_packet_size, cut to it before the handler.", "truncated"),
+    ("shardudp_flow_table_evictions_total",
+     "Session keeping: senders a worker forgot to stay within session_table.", "evicted"),
 )
 
 _DURATION_HELP: Final = (
@@ -281,6 +286,28 @@ class ShardCollector:
                            "draining.", ())
         dropped.add_metric((), state.log_dropped)
         yield dropped
+        held = _gauge("shardudp_sessions_draining",
+                      "Sessions held by a worker that no longer owns their flow's bucket (a "
+                      "reload or scale under way), until they go idle.", ("listener",))
+        drained = _counter("shardudp_sessions_drained",
+                           "Held sessions that went idle and were released.", ("listener",))
+        cut = _counter("shardudp_sessions_cut",
+                       "Held sessions cut before they went idle: drain_timeout passed "
+                       "(deadline), the program had no room (capacity), or their worker died "
+                       "(lost).", ("listener", "reason"))
+        moved = _counter("shardudp_flows_moved",
+                         "Active flows whose slot changed by a scale (held until idle).",
+                         ("listener",))
+        for name, (now, done, cuts, shifted) in sorted(state.sessions.items()):
+            held.add_metric((name,), now)
+            drained.add_metric((name,), done)
+            for reason, n in sorted(cuts.items()):
+                cut.add_metric((name, reason), n)
+            moved.add_metric((name,), shifted)
+        yield held
+        yield drained
+        yield cut
+        yield moved
 
     @staticmethod
     def _slots(view: ExportView) -> list[int]:
@@ -370,7 +397,8 @@ class ShardCollector:
         )
         age = _gauge(
             "shardudp_worker_last_report_age_seconds",
-            "Seconds since the slot's worker last sent metrics; current slots only.",
+            "Seconds since the slot's worker last sent metrics (its heartbeat when "
+            "metrics_interval is 0); current slots only.",
             ("slot",),
         )
         now = self._clock()

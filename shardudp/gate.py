@@ -1,9 +1,11 @@
 """A port's gate: checks between the socket and the protocol, present only while needed.
 
 The master may ask a worker to refuse some sources (quarantine) or to count
-the datagrams it serves for slots that are not read (steering). A port then
-delivers through a ``Gate`` instead of straight to the protocol; with
-nothing to check it goes straight again, so the common case pays nothing.
+the datagrams it serves for slots that are not read (steering); a listener
+that keeps sessions has its flows tracked (when each was last heard from).
+A port then delivers through a ``Gate`` instead of straight to the
+protocol; with nothing to check it goes straight again, so the common case
+pays nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Gate:
     ``Cover`` messages and installs it with ``port.set_gate``.
     """
 
-    __slots__ = ("_deliver", "_lent", "_lent_cache", "_seed", "_stats", "refused")
+    __slots__ = ("_cap", "_deliver", "_lent", "_lent_cache", "_seed", "_stats", "flows", "now",
+                 "refused")
 
     def __init__(self, protocol: Any, stats: ListenerStats | None) -> None:
         self._deliver: Callable[[bytes, Any], object] = protocol.datagramReceived
@@ -36,10 +39,30 @@ class Gate:
         self._lent: frozenset[int] | None = None
         self._seed = 0
         self._lent_cache: dict[Any, bool] = {}
+        #: Session keeping: sender -> when it was last heard from (``now`` then).
+        self.flows: dict[Any, float] | None = None
+        self._cap = 0
+        #: A coarse clock the worker advances (one read of it per datagram).
+        self.now = 0.0
 
     @property
     def active(self) -> bool:
-        return bool(self.refused) or self._lent is not None
+        return bool(self.refused) or self._lent is not None or self.flows is not None
+
+    def track(self, cap: int) -> None:
+        """Keep when each sender was last heard from, for at most ``cap`` senders."""
+        self.flows = {}
+        self._cap = cap
+
+    def forget_idle(self, before: float) -> int:
+        """Drop senders not heard from since ``before``; return how many went."""
+        flows = self.flows
+        if flows is None:
+            return 0
+        idle = [a for a, t in flows.items() if t < before]
+        for a in idle:
+            del flows[a]
+        return len(idle)
 
     def refuse(self, sources: Iterable[tuple[str, int]]) -> None:
         self.refused = frozenset(sources)
@@ -61,7 +84,24 @@ class Gate:
                 lent = self._is_lent(addr)
             if lent:
                 self._stats.steered += 1
+        flows = self.flows
+        if flows is not None:
+            flows[addr] = self.now
+            if len(flows) > self._cap:
+                self._evict()
         self._deliver(data, addr)
+
+    def _evict(self) -> None:
+        """Make room: the least recently heard eighth of the senders goes (counted).
+
+        A batch at a time, so the sort is paid once per cap/8 new senders.
+        """
+        flows = self.flows
+        assert flows is not None
+        oldest = sorted(flows.items(), key=lambda item: item[1])[:max(1, self._cap // 8)]
+        for addr, _ in oldest:
+            del flows[addr]
+        self._stats.evicted += len(oldest)
 
     def _is_lent(self, addr: Any) -> bool:
         assert self._lent is not None

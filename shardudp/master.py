@@ -201,7 +201,10 @@ class Master:
         self.sup = supervision.Supervisor(
             self.cfg.workers,
             supervision.Policy(self.cfg.timeout, self.cfg.graceful_timeout,
-                               self.cfg.backoff_max),
+                               self.cfg.backoff_max,
+                               sessions=any(lst.sessions for lst in self.cfg.listeners),
+                               drain_timeout=max((lst.drain_timeout for lst in self.cfg.listeners
+                                                  if lst.sessions), default=0.0)),
             now)
         log.info("shardudp master pid=%d starting %d workers for %s (datapath %s)", self.pid,
                  self.cfg.workers, ", ".join(f"{lst.name}={lst.app}" for lst in self.cfg.listeners),
@@ -460,7 +463,7 @@ class Master:
         match a:
             case supervision.Spawn():
                 try:
-                    pid = self._fork(a.slot, a.incarnation)
+                    pid = self._fork(a.slot, a.incarnation, a.beside)
                 except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: the supervisor retries
                     self.apply(self.sup.spawn_failed(a.slot, exc.strerror or str(exc),
                                                      self.clock()))
@@ -468,6 +471,9 @@ class Master:
                     self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
             case supervision.SendStop():
                 self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
+            case supervision.Drain():
+                self._send(a.pid, wire.Drain(
+                    listeners=[lst.name for lst in self.cfg.listeners if lst.sessions]))
             case supervision.Kill():
                 self._kill(a.pid, _SIGNALS[a.sig])
             case supervision.OpenSlot():
@@ -510,11 +516,11 @@ class Master:
         if single:
             log.info("worker pid=%d now reads single-mode listeners %s", pid, ", ".join(single))
 
-    def _fork(self, slot: int, incarnation: int) -> int:
+    def _fork(self, slot: int, incarnation: int, beside: bool = False) -> int:
         if "twisted.internet.reactor" in sys.modules:
             # A reactor in the master would be inherited by every worker.
             log.error("BUG: a Twisted reactor was installed in the master before fork")
-        slot_socks = self.sockets.for_slot(slot)
+        slot_socks = self.sockets.for_slot(slot, beside)
         made: list[int] = []
         record: mmap.mmap | None = None
         try:
@@ -549,7 +555,7 @@ class Master:
         try:
             fds = [ss.sock.fileno() for ss in slot_socks]
             self.sockets.forget_in_child()
-            own = [SlotSocket(ss.listener, socket.socket(fileno=fd), ss.kind)
+            own = [SlotSocket(ss.listener, socket.socket(fileno=fd), ss.kind, ss.gen)
                    for ss, fd in zip(slot_socks, fds, strict=True)]
             from . import worker
 

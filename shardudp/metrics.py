@@ -44,6 +44,7 @@ _SCALARS: Final = (
     "steered",
     "refused",
     "truncated",
+    "evicted",
     "duration_count",
     "duration_sum_ns",
 )
@@ -82,6 +83,7 @@ class Counts:
     steered: int = 0
     refused: int = 0
     truncated: int = 0
+    evicted: int = 0
     duration_count: int = 0
     duration_sum_ns: int = 0
     errors: tuple[int, ...] = (0,) * len(ERROR_KINDS)
@@ -121,7 +123,7 @@ def _counts(
 ) -> Counts:
     """Build Counts from scalar values in ``_SCALARS`` order."""
     (rx_datagrams, rx_bytes, tx_datagrams, tx_bytes, tx_errors, steered, refused, truncated,
-     count, sum_ns) = scalars
+     evicted, count, sum_ns) = scalars
     return Counts(
         rx_datagrams=rx_datagrams,
         rx_bytes=rx_bytes,
@@ -131,6 +133,7 @@ def _counts(
         steered=steered,
         refused=refused,
         truncated=truncated,
+        evicted=evicted,
         duration_count=count,
         duration_sum_ns=sum_ns,
         errors=errors,

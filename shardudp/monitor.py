@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Mapping
 from types import MappingProxyType
 
-from . import exporter, httpd, logs, supervision, wire
+from . import exporter, httpd, logs, sessions, supervision, wire
 from .errors import WireError
 from .exporter import ExportView, LatestView, MasterState, SlotWorker
 from .httpd import HttpEndpoint
@@ -99,6 +100,8 @@ class Monitor(Service):
             self.http.expire(now)
         if not self._rx_samples or now - self._rx_samples[-1][0] >= 1.0:
             self._rx_samples.append((now, self._rx_by_slot()))
+            # Nothing reports without counting: the ages are the heartbeats', kept fresh.
+            self._dirty |= not self.counting
         silent = self._silent_slots(now)
         if silent != self.silent:
             self.silent = silent
@@ -177,7 +180,21 @@ class Monitor(Service):
             if steerer is not None else MappingProxyType({}),
             steered=frozenset(steerer.steered()) if steerer is not None else frozenset(),
             quarantined=MappingProxyType(poison.counts() if poison is not None else {}),
-            log_dropped=logs.dropped())
+            log_dropped=logs.dropped(),
+            sessions=MappingProxyType(self._sessions(steerer)))
+
+    def _sessions(self, steerer: Steerer | None
+                  ) -> dict[str, tuple[int, int, Mapping[str, int], int]]:
+        if steerer is None:
+            return {}
+        out: dict[str, tuple[int, int, Mapping[str, int], int]] = {}
+        for lst in self.master.cfg.listeners:
+            if not lst.sessions:
+                continue
+            t = steerer.book.tally.get(lst.name) or sessions.Tally()
+            out[lst.name] = (steerer.book.pinned(lst.name), t.drained,
+                             MappingProxyType({c.value: n for c, n in t.cut.items()}), t.moved)
+        return out
 
     def publish(self) -> None:
         """Replace the view the HTTP endpoint serves with one of the current state."""
@@ -191,6 +208,8 @@ class Monitor(Service):
                 workers[index] = SlotWorker(
                     pid=w.pid if w is not None else None,
                     ready=w is not None and w.state is WorkerState.READY,
+                    # Without counting its last report is its heartbeat.
+                    last_report_at=None if self.counting or w is None else w.last_seen,
                     silent=index in self.silent)
         socks = tuple((slot, ss.listener.name, ss.sock)
                       for slot, ss in master.sockets.all_sockets())

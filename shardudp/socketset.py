@@ -12,6 +12,12 @@ How many sockets a listener needs follows from its kind:
 - multicast ``single``: one socket shared by every slot, read by the leader
   only; when the leader dies its queue is still there for the next one.
 
+A unicast listener that keeps sessions (``session_idle``) has two sockets per
+slot in its group, *generations* 0 and 1: a slot's current worker reads one;
+a reload's new worker reads the other, while the old one keeps its held
+sessions on the first (``shardudp.sessions``). The steering program decides
+which generation gets which flow, so an unread generation gets nothing.
+
 The exporter's thread reads these sockets' kernel counters while the master
 opens and closes them: both hold ``_lock`` (the master only while changing
 the set, for a few system calls).
@@ -54,6 +60,8 @@ class SlotSocket:
     listener: Listener
     sock: socket.socket
     kind: Kind
+    #: Session keeping: which of the slot's two sockets of the listener this is.
+    gen: int = 0
 
     @property
     def shared(self) -> bool:
@@ -81,8 +89,10 @@ class SocketSet:
         #: Each group listener's reuseport members as slots, in the kernel's
         #: order (``socks[]``): binding appends; leaving moves the last member
         #: into the leaver's place. A steering program names members by index.
-        self._members: dict[str, list[int]] = {lst.name: [] for lst in listeners
-                                              if kind_of(lst) == "group"}
+        self._members: dict[str, list[tuple[int, int]]] = {
+            lst.name: [] for lst in listeners if kind_of(lst) == "group"}
+        #: Each slot's current socket generation (session listeners).
+        self._gen: dict[int, int] = {}
         #: Per shard listener, the slots whose filters must not keep any share
         #: (no worker reads them): their sources go to the others meanwhile.
         self._idle: dict[str, frozenset[int]] = {}
@@ -95,14 +105,16 @@ class SocketSet:
             made: list[SlotSocket] = []
             try:
                 for lst in self.listeners:
-                    made.append(SlotSocket(lst, self._open(lst), kind_of(lst)))
+                    for gen in range(2 if lst.sessions else 1):
+                        made.append(SlotSocket(lst, self._open(lst), kind_of(lst), gen))
             except BaseException:
                 self._close_own(made)
                 raise
             self._by_slot[slot] = made
+            self._gen[slot] = 0
             for ss in made:
                 if ss.kind == "group":
-                    self._members[ss.listener.name].append(slot)
+                    self._members[ss.listener.name].append((slot, ss.gen))
             # Sampled while its new shard sockets still refuse everything:
             # that keeps the shard drop arithmetic exact (shardudp.drops).
             self._sample()
@@ -124,15 +136,19 @@ class SocketSet:
         self._log_rcvbuf(lst, sock)
         return sock
 
-    def for_slot(self, slot: int) -> list[SlotSocket]:
-        """The sockets a new worker of ``slot`` is handed.
+    def for_slot(self, slot: int, beside: bool = False) -> list[SlotSocket]:
+        """The sockets a new worker of ``slot`` is handed: of a session listener, the
+        slot's current generation, or the other one for a worker ``beside`` the
+        current one (a reload).
 
         Their multicast options (TTL, loopback, outgoing interface) are first
         reset to the listener's: they live on the socket, so a previous
         worker's ``setTTL`` would otherwise carry over. A single-mode socket
         is shared: resetting it also resets it for the current leader.
         """
-        out = list(self._by_slot.get(slot, ()))
+        gen = self._gen.get(slot, 0) ^ (1 if beside else 0)
+        out = [ss for ss in self._by_slot.get(slot, ()) if not ss.listener.sessions
+               or ss.gen == gen]
         for ss in out:
             try:
                 sockets.apply_multicast_options(ss.sock, ss.listener)
@@ -160,8 +176,8 @@ class SocketSet:
             if ss.kind == "group":
                 sockets.detach_from_group(ss.sock)
                 members = self._members[ss.listener.name]
-                if slot in members:
-                    i = members.index(slot)
+                if (slot, ss.gen) in members:
+                    i = members.index((slot, ss.gen))
                     members[i] = members[-1]
                     members.pop()
             elif ss.kind == "fanout":
@@ -181,10 +197,18 @@ class SocketSet:
             closed = self._close_own(self._by_slot.pop(slot))
             self._drops.forget(closed)
             self._detached.discard(slot)
+            self._gen.pop(slot, None)
 
-    def members(self, listener: str) -> tuple[int, ...]:
-        """The slots of a group listener's reuseport members, in the kernel's order."""
+    def members(self, listener: str) -> tuple[tuple[int, int], ...]:
+        """A group listener's reuseport members as (slot, generation), in the kernel's order."""
         return tuple(self._members.get(listener, ()))
+
+    def gen_of(self, slot: int) -> int:
+        """The socket generation the slot's current worker reads (session listeners)."""
+        return self._gen.get(slot, 0)
+
+    def set_gen(self, slot: int, gen: int) -> None:
+        self._gen[slot] = gen
 
     def group_listeners(self) -> list[Listener]:
         """The listeners whose sockets form a reuseport group (steerable)."""
@@ -199,7 +223,7 @@ class SocketSet:
         Through any member: the program belongs to the whole group.
         """
         with self._lock:
-            member = next((ss.sock for slot in self._members.get(listener, ())
+            member = next((ss.sock for slot, _ in self._members.get(listener, ())
                            for ss in self._by_slot[slot] if ss.listener.name == listener), None)
             if member is None:
                 return

@@ -61,6 +61,7 @@ class ListenerStats:
         "duration_count",
         "duration_sum_ns",
         "errors",
+        "evicted",
         "refused",
         "rx_bytes",
         "rx_datagrams",
@@ -85,6 +86,8 @@ class ListenerStats:
         #: Datagrams longer than max_packet_size, cut to it; and the longest seen.
         self.truncated = 0
         self.truncated_max = 0
+        #: Session keeping: senders dropped from the flow table to make room.
+        self.evicted = 0
         self.errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         # One slot per finite bucket plus the +Inf bucket; not cumulative.
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
@@ -117,6 +120,7 @@ class ListenerStats:
             "refused": self.refused,
             "truncated": self.truncated,
             "truncated_max": self.truncated_max,
+            "evicted": self.evicted,
             "errors": dict(self.errors),
             "duration_buckets": list(self.duration_buckets),
             "duration_count": self.duration_count,

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Final
 
 #: A classic BPF instruction: (code, jt, jf, k).
@@ -223,26 +223,28 @@ def lend(owners: Sequence[int], serving: Iterable[int]) -> list[int]:
 class Steering:
     """Everything one listener's program depends on, and the program itself.
 
-    ``owners``: effective slot of each bucket (after ``lend``); ``members``:
-    the group's sockets in the kernel's order, as the slot each belongs to;
-    ``pins``: flow hash -> socket index, for held sessions.
+    Sockets are named by *keys* (the steering service uses (slot,
+    generation)): ``members`` lists the group's sockets in the kernel's order;
+    ``owners`` gives each bucket's socket (after ``lend``); ``pins`` maps a
+    held flow's hash to the socket that keeps it.
     """
 
-    owners: tuple[int, ...]
-    members: tuple[int, ...]
-    pins: Mapping[int, int]
+    owners: tuple[Hashable, ...]
+    members: tuple[Hashable, ...]
+    pins: Mapping[int, Hashable]
     ipv6: bool
     seed: int
 
     def index_of(self, h: int) -> int:
         """The socket index the program returns for a flow of hash ``h`` (declaratively)."""
+        index = self._slot_index()
         pinned = self.pins.get(h)
         if pinned is not None:
-            return pinned
-        return self._slot_index().get(self.owners[bucket_of(h)], NO_SOCKET)
+            return index.get(pinned, NO_SOCKET)
+        return index.get(self.owners[bucket_of(h)], NO_SOCKET)
 
-    def _slot_index(self) -> dict[int, int]:
-        return {slot: i for i, slot in enumerate(self.members)}
+    def _slot_index(self) -> dict[Hashable, int]:
+        return {key: i for i, key in enumerate(self.members)}
 
     def runs(self) -> list[tuple[int, int]]:
         """(first bucket, socket index) of each run of buckets sent to one socket."""
@@ -264,7 +266,9 @@ class Steering:
 
     def program(self) -> list[Insn]:
         """The classic BPF program; ValueError if it would not fit the kernel's limit."""
-        pins = _pin_tree(sorted(self.pins.items()), []) if self.pins else []
+        index = self._slot_index()
+        pins = _pin_tree(sorted((h, index.get(key, NO_SOCKET)) for h, key in self.pins.items()),
+                         []) if self.pins else []
         code = _hash_code(self.ipv6, self.seed) + pins + self._table_code()
         if len(code) > MAX_INSNS:
             raise ValueError(f"steering program of {len(code)} instructions is over the "

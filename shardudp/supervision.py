@@ -72,6 +72,9 @@ class WorkerState(enum.Enum):
 
     BOOTING = "booting"
     READY = "ready"
+    #: Handed its slot over (a reload, a scale-down) but keeps serving the
+    #: sessions it holds until they go idle or its drain deadline.
+    DRAINING = "draining"
     STOPPING = "stopping"
 
 
@@ -149,10 +152,25 @@ class SlotState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Spawn:
-    """Fork a worker for ``slot``, then report ``spawned`` or ``spawn_failed``."""
+    """Fork a worker for ``slot``, then report ``spawned`` or ``spawn_failed``.
+
+    ``beside``: a worker of the slot still serves (a reload); with session
+    keeping the new one reads the slot's other socket generation.
+    """
 
     slot: int
     incarnation: int
+    beside: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Drain:
+    """Worker ``pid`` hands ``slot`` over: it keeps serving the sessions it holds (and
+    reports them), stops reading every listener without session keeping, and is
+    stopped once ``drained`` says it holds nothing more."""
+
+    pid: int
+    slot: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +243,7 @@ class Retired:
     #: (listener, host, port) of the datagram its handler was on when it died
     #: unexpectedly, if the master could tell.
     culprit: tuple[str, str, int] | None = None
+    pid: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +262,7 @@ class Exit:
     reason: str
 
 
-Action = (Spawn | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady
+Action = (Spawn | Drain | SendStop | Kill | OpenSlot | DetachSlot | CloseSlot | Lead | AllReady
           | Stopping | Retired | Say | Exit)
 
 
@@ -270,6 +289,8 @@ class WorkerRecord:
     pipe_closed_at: float | None = None
     #: Listeners whose port the APP closed, and the call that closed it.
     left: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: While DRAINING: when it is stopped whatever it still holds.
+    drain_until: float | None = None
 
 
 @dataclasses.dataclass
@@ -316,6 +337,10 @@ class Policy:
     timeout: float
     graceful_timeout: float
     backoff_max: float
+    #: Some listener keeps sessions: a replaced worker drains before it stops.
+    sessions: bool = False
+    #: The longest drain_timeout of those listeners.
+    drain_timeout: float = 0.0
 
     @property
     def silent_after(self) -> float:
@@ -402,9 +427,10 @@ class Supervisor:
         return self._stopping is not None
 
     def healthy(self) -> bool:
-        return bool(self.slots) and all(
+        live = [s for s in self.slots.values() if not s.retiring]
+        return bool(live) and all(
             s.current is not None and self.workers[s.current].state is WorkerState.READY
-            for s in self.slots.values()
+            for s in live
         )
 
     @property
@@ -499,14 +525,45 @@ class Supervisor:
         if s is not None:
             s.reload_failures = 0
         if s is not None and s.incoming == pid and s.current is not None:
-            # Rolling reload: the new worker serves, so the old one may go.
+            # Rolling reload: the new worker serves, so the old one may go,
+            # once it has served its sessions if it keeps any.
             old = self.workers[s.current]
             s.current, s.incoming = pid, None
-            out += self._request_stop(old, StopReason.RELOAD, now, drain=False)
+            if self.policy.sessions and old.state is WorkerState.READY:
+                # The reload moves on while it drains: it serves only its sessions.
+                out += self._drain(old, StopReason.RELOAD, now)
+                out += self._check_all_ready()
+                return out + self._advance_reload(now)
+            else:
+                out += self._request_stop(old, StopReason.RELOAD, now, drain=False)
         if self._leader is None or self._leader not in self.workers:
             self._leader = pid
             out.append(Lead(pid))
         return out + self._check_all_ready()
+
+    def drained(self, pid: int, now: float) -> list[Action]:
+        """A DRAINING worker holds no session any more (or its time is up): stop it."""
+        w = self.workers.get(pid)
+        if w is None or w.state is not WorkerState.DRAINING:
+            return []
+        out: list[Action] = [Say("info", f"worker slot={w.slot} pid={pid} drained its sessions")]
+        s = self.slots.get(w.slot)
+        w.state, w.drain_until = WorkerState.READY, None
+        if s is not None and s.retiring:
+            # Now nothing may reach the slot: out of its groups, then the queue.
+            return [*out, DetachSlot(w.slot),
+                    *self._request_stop(w, StopReason.SCALE, now, drain=True)]
+        return out + self._request_stop(w, w.stop_reason or StopReason.RELOAD, now, drain=False)
+
+    def _drain(self, w: WorkerRecord, why: StopReason, now: float) -> list[Action]:
+        w.state, w.stop_reason = WorkerState.DRAINING, why
+        w.drain_until = now + self.policy.drain_timeout + self.policy.graceful_timeout
+        out: list[Action] = [Drain(w.pid, w.slot)]
+        if self._leader == w.pid:  # it stops reading single-mode listeners now
+            self._leader = self._pick_leader()
+            if self._leader is not None:
+                out.append(Lead(self._leader))
+        return out
 
     def boot_failed(self, pid: int, reason: str) -> list[Action]:
         w = self.workers.get(pid)
@@ -600,7 +657,7 @@ class Supervisor:
         reason = None if expected else _RESTART_FOR_STOP.get(w.stop_reason, label)
         if expected or self._stopping is not None or (code == 0 and signal is None):
             culprit = None
-        out: list[Action] = [Retired(w.slot, w.incarnation, reason, culprit)]
+        out: list[Action] = [Retired(w.slot, w.incarnation, reason, culprit, pid)]
         poison = None
         if culprit is not None:
             listener, host, port = culprit
@@ -672,6 +729,9 @@ class Supervisor:
                 out += self._replace(w, StopReason.WIRE, f"worker slot={w.slot} pid={w.pid} "
                                                          "closed its pipe to the master", now)
                 out += self._check_all_ready()
+            elif w.state is WorkerState.DRAINING and w.drain_until is not None \
+                    and now >= w.drain_until:
+                out += self.drained(w.pid, now)
             elif w.state is WorkerState.STOPPING:
                 if w.kill_at is not None and now >= w.kill_at:
                     w.kill_at = None
@@ -697,6 +757,8 @@ class Supervisor:
                 times.append(w.last_seen + self.policy.timeout)
                 if w.pipe_closed_at is not None:
                     times.append(w.pipe_closed_at + PIPE_EOF_GRACE)
+                if w.drain_until is not None:
+                    times.append(w.drain_until)
         return min(times) if times else None
 
     # -- commands (signals and the control socket)
@@ -755,9 +817,18 @@ class Supervisor:
             for i in reversed(live[n:]):
                 s = self.slots[i]
                 s.retiring, s.spawn_at = True, None
-                out.append(DetachSlot(i))
                 pids = [p for p in (s.current, s.incoming) if p is not None]
-                for pid in pids:
+                current = self.workers.get(s.current) if s.current is not None else None
+                if (self.policy.sessions and current is not None
+                        and current.state is WorkerState.READY):
+                    # Its sessions first: the slot stays in its groups (only
+                    # its pinned flows reach it) until they are drained.
+                    out += self._drain(current, StopReason.SCALE, now)
+                    stop = [p for p in pids if p != current.pid]
+                else:
+                    out.append(DetachSlot(i))
+                    stop = pids
+                for pid in stop:
                     out += self._request_stop(self.workers[pid], StopReason.SCALE, now, drain=True)
                 if not pids and not s.spawning:
                     del self.slots[i]
@@ -823,7 +894,8 @@ class Supervisor:
         self._reload, self._reloading = [], False
         for s in self.slots.values():
             s.reload_failures = 0
-        return [Say("error", f"reload aborted: {why}; old workers keep serving")]
+        return [Say("error", f"reload aborted: {why}; old workers keep serving"),
+                *self._check_all_ready()]
 
     def _replace(self, w: WorkerRecord, why: StopReason, text: str, now: float, *,
                  sig: Sig = Sig.TERM) -> list[Action]:
@@ -846,13 +918,14 @@ class Supervisor:
     def _spawn(self, s: Slot) -> list[Action]:
         self._incarnation += 1
         s.spawning = True
-        return [Spawn(s.index, self._incarnation)]
+        return [Spawn(s.index, self._incarnation, beside=s.current is not None)]
 
     def _request_stop(self, w: WorkerRecord, why: StopReason, now: float, *,
                       drain: bool) -> list[Action]:
         if w.state is WorkerState.STOPPING and w.stop_reason is not None \
                 and w.stop_reason.planned:
             return []
+        w.drain_until = None
         w.state, w.stop_reason = WorkerState.STOPPING, why
         w.kill_at = now + self.policy.graceful_timeout
         return [SendStop(w.pid, self.policy.graceful_timeout, drain)]
@@ -864,7 +937,8 @@ class Supervisor:
                or (s.current is not None and s.spawn_at is not None)
                for s in self.slots.values()):
             return []
-        if any(w.stop_reason is StopReason.RELOAD for w in self.workers.values()):
+        if any(w.stop_reason is StopReason.RELOAD and w.state is WorkerState.STOPPING
+               for w in self.workers.values()):
             return []
         while self._reload:
             i = self._reload.pop(0)
@@ -876,7 +950,7 @@ class Supervisor:
             return self._spawn(s)
         if self._reloading:
             self._reloading = False
-            return [Say("info", "reload complete")]
+            return [Say("info", "reload complete"), *self._check_all_ready()]
         return []
 
     def _pick_leader(self) -> int | None:
@@ -886,8 +960,11 @@ class Supervisor:
 
     def _check_all_ready(self) -> list[Action]:
         healthy = self.healthy()
-        if healthy and not self._all_ready:
-            self._all_ready = self._ever_ready = True
+        if healthy:
+            self._ever_ready = True
+        # Not between a rolling reload's ready lines: once it is complete (or aborted).
+        if healthy and not self._all_ready and not self._reloading:
+            self._all_ready = True
             return [AllReady()]
         if not healthy:
             self._all_ready = False

@@ -175,6 +175,39 @@ class Cover(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Drain(Message):
+    """Master -> worker: a new worker serves the slot now. Keep serving the sessions
+    of ``listeners`` (report them, and which went idle), stop reading the others."""
+
+    TAG: ClassVar[str] = "drain"
+    listeners: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Watch(Message):
+    """Master -> worker: ``buckets`` of ``listener`` (``shardudp.steering``, with
+    ``seed``) move to another slot; report the active flows in them, then which
+    go idle. An empty list stops watching."""
+
+    TAG: ClassVar[str] = "watch"
+    listener: str
+    seed: int
+    buckets: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sessions(Message):
+    """Worker -> master: flows of ``listener`` it serves that the master must keep
+    with it (``active``, new since the last report) and flows gone idle
+    (``ended``), each ``host port``."""
+
+    TAG: ClassVar[str] = "sessions"
+    listener: str
+    active: list[str]
+    ended: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Activate(Message):
     """Master -> worker: start (or stop) reading a standby listener."""
 
@@ -185,8 +218,8 @@ class Activate(Message):
 
 _TYPES: Final[dict[str, type[Message]]] = {
     cls.TAG: cls
-    for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Log, Left, Stop, Refuse,
-                Cover, Activate)
+    for cls in (Hello, Ready, Heartbeat, MetricsReport, BootFailed, Log, Left, Sessions, Stop,
+                Refuse, Cover, Drain, Watch, Activate)
 }
 _PY_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "int": (int,),

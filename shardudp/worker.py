@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -22,12 +23,13 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import logs, process, wire
-from .apploader import AppError, booting, load_app, raised, unreadable
+from .apploader import AppError, boot_reason, booting, load_app, raised
 from .errors import ExitCode
 from .gate import Gate
 from .pipewriter import PipeWriter
 from .socketset import SlotSocket
 from .stats import ListenerStats
+from .steering import bucket_of, flow_hash
 
 log = logging.getLogger("shardudp.worker")
 
@@ -65,6 +67,64 @@ class WorkerSpec:
     initial: tuple[wire.Message, ...] = ()
 
 
+class SessionWatch:
+    """One session listener's flows as this worker reports them to the master.
+
+    The master asks (``Drain``: all of them; ``Watch``: those in some buckets)
+    when the listener's table is about to move on. From then on, each
+    ``tick`` reports the flows active within ``idle`` that the master does not
+    hold yet, and those of its held ones that went idle.
+    """
+
+    def __init__(self, name: str, gate: Gate, idle: float) -> None:
+        self.name = name
+        self.gate = gate
+        self.idle = idle
+        #: None: nothing asked; "all": draining; else the watched buckets.
+        self.watch: frozenset[int] | str | None = None
+        self.seed = 0
+        self.reported: set[tuple[str, int]] = set()
+        self._asked = False
+        self._buckets: dict[tuple[str, int], int] = {}
+
+    def drain(self) -> None:
+        self.watch, self._asked = "all", True
+
+    def watch_buckets(self, seed: int, buckets: list[int]) -> None:
+        self.seed, self._buckets = seed, {}
+        self.watch = frozenset(buckets) or None
+        self._asked = self.watch is not None
+        if self.watch is None:
+            self.reported.clear()
+
+    def tick(self, now: float) -> wire.Sessions | None:
+        flows = self.gate.flows
+        if self.watch is None or flows is None:
+            return None
+        active = {(str(a[0]), int(a[1])) for a, seen in flows.items() if now - seen < self.idle}
+        if self.watch != "all":
+            active = {f for f in active if self._bucket(f) in self.watch}
+        new, ended = active - self.reported, self.reported - active
+        if not (new or ended or self._asked):
+            return None
+        self._asked = False
+        self.reported = active
+        return wire.Sessions(listener=self.name, active=[f"{h} {p}" for h, p in sorted(new)],
+                             ended=[f"{h} {p}" for h, p in sorted(ended)])
+
+    def _bucket(self, flow: tuple[str, int]) -> int:
+        b = self._buckets.get(flow)
+        if b is None:
+            packed = ipaddress.ip_address(flow[0]).packed
+            b = self._buckets[flow] = bucket_of(flow_hash(packed, flow[1], self.seed))
+        return b
+
+
+#: How often a worker with session listeners advances its flow clock, forgets
+#: idle flows and reports what the master asked for.
+SESSION_TICK: Final = 0.1
+
+
 class Worker:
     """One worker process's state: its ports, counters and pipe to the master.
 
@@ -82,6 +142,7 @@ class Worker:
         self.kinds: dict[str, str] = {}
         self.stats: dict[str, ListenerStats] = {}
         self.gates: dict[str, Gate] = {}
+        self.sessions: dict[str, SessionWatch] = {}
         self.stopping = False
         self.hb_seq = 0
         self.metrics_seq = 0
@@ -128,8 +189,38 @@ class Worker:
                 self._gate(msg.listener, lambda g: g.refuse(sources))
             case wire.Cover():
                 self._gate(msg.listener, lambda g: g.cover(msg.seed, msg.buckets))
+            case wire.Drain():
+                self._hand_over(msg.listeners)
+            case wire.Watch():
+                watch = self.sessions.get(msg.listener)
+                if watch is not None:
+                    watch.watch_buckets(msg.seed, msg.buckets)
             case _:
                 log.error("unexpected %s message from the master; ignored", msg.TAG)
+
+    def _hand_over(self, names: list[str]) -> None:
+        """A new worker serves our slot: keep serving (and report) the sessions of
+        ``names``; stop reading every other listener, which the new one reads."""
+        for name, port in self.ports.items():
+            watch = self.sessions.get(name)
+            if name in names and watch is not None:
+                watch.drain()
+            else:
+                port.close_quietly()
+        log.info("draining: serving held sessions of %s only",
+                 ", ".join(n for n in names if n in self.sessions) or "no listener")
+        self.session_tick()
+
+    def session_tick(self) -> None:
+        """Advance the flows' clock, forget idle flows, report what the master asked for."""
+        now = time.monotonic()
+        for watch in self.sessions.values():
+            watch.gate.now = now
+            msg = watch.tick(now)
+            if msg is not None:
+                self.out.send(msg)
+            # Twice the idle time: long enough to report a flow's end first.
+            watch.gate.forget_idle(now - 2 * watch.idle)
 
     def _gate(self, name: str, change: Callable[[Gate], None]) -> None:
         gate, port = self.gates.get(name), self.ports.get(name)
@@ -176,7 +267,12 @@ class Worker:
             if self.spec.record is not None:
                 port.set_record(self.spec.record, number)
             self.ports[name] = port
-            self.gates[name] = Gate(proto, stats)
+            gate = self.gates[name] = Gate(proto, stats)
+            if ss.listener.sessions:
+                gate.track(ss.listener.session_table)
+                gate.now = time.monotonic()
+                self.sessions[name] = SessionWatch(name, gate, ss.listener.session_idle)
+                port.set_gate(gate)
             # Before the port reads anything: a quarantined source's datagram
             # may be the first one queued.
             for msg in self.spec.initial:
@@ -315,10 +411,7 @@ def run(spec: WorkerSpec) -> int:
     try:
         worker.boot()
     except AppError as exc:
-        reason = str(exc)
-        if spec.run_as is not None and unreadable(exc.cause):
-            reason += (f" (the worker runs as uid {spec.run_as[0]}: are the Python installation "
-                       "and the APP readable by that user?)")
+        reason = boot_reason(exc, spec.run_as)
         if exc.cause is not None:
             log.debug("boot failure detail:\n%s",
                       "".join(traceback.format_exception(exc.cause)))
@@ -328,6 +421,8 @@ def run(spec: WorkerSpec) -> int:
 
     reactor.addReader(worker)
     LoopingCall(worker.heartbeat).start(spec.heartbeat_interval, now=False)
+    if worker.sessions:
+        LoopingCall(worker.session_tick).start(SESSION_TICK, now=False)
     if spec.metrics_interval > 0:
         LoopingCall(worker.report).start(spec.metrics_interval, now=False)
     worker.out.send(wire.Ready(pid=os.getpid(), listeners=sorted(worker.ports)))

@@ -267,3 +267,20 @@ class Faulty(DatagramProtocol):
         if data.startswith(b"wedge"):
             time.sleep(3600)
         self.transport.write(b"%d:" % os.getpid() + data, addr)
+
+
+class Sessions(DatagramProtocol):
+    """A stateful APP: answers ``seq version pid`` where seq counts this flow's
+    datagrams in this protocol instance and version is read from
+    $APP_VERSION_FILE when the module is imported (a reload picks it up)."""
+
+    VERSION = (open(os.environ["APP_VERSION_FILE"]).read().strip()  # noqa: SIM115
+               if "APP_VERSION_FILE" in os.environ else "0")
+
+    def startProtocol(self):
+        self.seq = {}
+
+    def datagramReceived(self, data, addr):
+        n = self.seq[addr] = self.seq.get(addr, 0) + 1
+        self.transport.write(b"%d %s %d %s" % (n, self.VERSION.encode(), os.getpid(), data),
+                             addr)

@@ -30,6 +30,7 @@ from shardudp.errors import StartupError
 from shardudp.exporter import (
     ExportView,
     LatestView,
+    MasterState,
     ShardCollector,
     SlotWorker,
 )
@@ -132,6 +133,17 @@ def view(book: MetricsBook, udp: socket.socket) -> LatestView:
             sockets=((0, "echo", udp),),
             master_pid=os.getpid(),
             kernel=kernel_of(udp),
+            datapath=("auto", "c"),
+            # What the master's services decided: slot 1 unread and steered, a
+            # source in quarantine, session keeping under way.
+            master=MasterState(
+                listeners=("echo",),
+                not_serving=MappingProxyType({(1, "echo"): "no worker"}),
+                steered=frozenset({(1, "echo")}),
+                quarantined=MappingProxyType({"echo": 1}),
+                log_dropped=3,
+                sessions=MappingProxyType({"echo": (5, 7, MappingProxyType(
+                    {"deadline": 1, "capacity": 0, "lost": 0}), 2)})),
         )
     )
 
@@ -228,7 +240,8 @@ def test_workers_restarts_age_build_and_processes(served: tuple[str, LatestView,
         (("slot", "0"),): 10.0,
         (("slot", "1"),): 9.0,
     }
-    assert "shardudp_datapath_info" not in fams  # the view did not say
+    assert values(fams["shardudp_datapath_info"]) == {
+        (("configured", "auto"), ("datapath", "c")): 1.0}
     (build,) = fams["shardudp_build_info"].samples
     assert build.value == 1.0
     assert build.labels["twisted"] == metadata.version("twisted")
@@ -246,7 +259,8 @@ def test_workers_restarts_age_build_and_processes(served: tuple[str, LatestView,
 
 
 def test_labels_are_bounded(served: tuple[str, LatestView, Health]) -> None:
-    allowed = {"slot", "listener", "error", "reason", "role", "le", "version", "python", "twisted"}
+    allowed = {"slot", "listener", "error", "reason", "role", "le", "version", "python", "twisted",
+               "datapath", "configured"}
     for fam in scrape(served[0]).values():
         assert fam.name.startswith("shardudp_"), fam.name
         for s in fam.samples:
