@@ -55,14 +55,15 @@ def affinity(cpus: frozenset[int] | None) -> Iterator[None]:
 
 def spawn(
     argv: Sequence[str], cpus: frozenset[int] | None, *, merge_stderr: bool = False,
-    new_session: bool = False,
+    new_session: bool = False, tree: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """Start a bench process from the repository, pinned to ``cpus``, text pipes."""
+    """Start a bench process from the repository (or another checkout, ``tree``),
+    pinned to ``cpus``, text pipes."""
     with affinity(cpus):
         return subprocess.Popen(
             list(argv),
-            cwd=REPO,
-            env=_env(),
+            cwd=tree or REPO,
+            env=_env(tree),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
@@ -71,11 +72,12 @@ def spawn(
         )
 
 
-def _env() -> dict[str, str]:
+def _env(tree: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    # Servers import bench.* and workers.* from the repository.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    # Servers import bench.* (and shardudp itself) from the repository, or the tree.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree or REPO), env.get("PYTHONPATH"))
+                                        if p)
     return env
 
 
@@ -176,6 +178,7 @@ class ShardServer:
         cpus: frozenset[int] | None,
         start_timeout: float = 20.0,
         attempts: int = 3,
+        tree: Path | None = None,
     ) -> None:
         self.name = f"shardudp({app}, {workers}w)"
         self.workers = workers
@@ -202,7 +205,7 @@ class ShardServer:
                 *extra,
             ]
             self.argv = argv
-            self.proc = spawn(argv, cpus, merge_stderr=True, new_session=True)
+            self.proc = spawn(argv, cpus, merge_stderr=True, new_session=True, tree=tree)
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
             try:

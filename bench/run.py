@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import features, report, scenarios
 from bench.build import BuildError, build
 from bench.harness import REPO, Load, measure
 from bench.scenarios import Context
 from bench.servers import baselines
 
-ALL_SCENARIOS = ("matrix", "datapath", "metrics", "scaling", "kill", "evenness")
+ALL_SCENARIOS = ("matrix", "datapath", "metrics", "scaling", "kill", "evenness", "features",
+                 "recovery")
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--even-workers", type=_positive(int), default=4)
     p.add_argument("--even-flows", type=_positive(int), default=1000)
+    p.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="features: also run the echo server of this checkout (an earlier commit, its C"
+        " extension built in place) for a before/after ratio",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument(
         "--note",
@@ -327,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         _save(result, args.out)
     if "evenness" in args.scenarios:
         result["evenness"] = scenarios.evenness(ctx, args.even_workers, args.even_flows)
+        _save(result, args.out)
+    if "features" in args.scenarios:
+        result["features"] = features.features(ctx, args.before)
+        _save(result, args.out)
+    if "recovery" in args.scenarios:
+        result["recovery"] = features.recovery(ctx)
         _save(result, args.out)
 
     png = args.out / "latest.png"

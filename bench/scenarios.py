@@ -23,8 +23,8 @@ from bench import harness
 from bench.harness import HOST, BenchError, Load, Sample, Server
 from bench.servers import Baseline
 
-ECHO_APP = "workers.echo:Echo"
-SINK_APP = "workers.sink:Sink"
+ECHO_APP = "echo"  # shardudp.workers.echo:Echo
+SINK_APP = "sink"  # shardudp.workers.sink:Sink
 PID_APP = "bench.pidreply:PidReply"
 
 Row = dict[str, object]

@@ -19,6 +19,11 @@ and may change. Layout, for readers of the source:
 
 from __future__ import annotations
 
+# isort: off
+# First of all: as root, nothing may be imported from a path another user can write.
+from . import _pathguard  # noqa: F401
+# isort: on
+
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"

@@ -15,12 +15,19 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
-from . import __version__, config, control, datapaths, process
+from . import __version__, config, control, datapaths, process, sockets
 from .errors import ConfigError, ExitCode, StartupError
 
 log = logging.getLogger("shardudp")
+
+#: Memory one more worker takes: an echo worker's private memory (USS) measured at
+#: 8.0 MiB idle and 8.4 MiB after serving (CPython 3.11, Linux x86-64, datapath c;
+#: its RSS of 33 MiB is mostly pages shared with the master), rounded up.
+WORKER_MEMORY: Final = 10 * 1024 * 1024
+#: More workers than this many per usable CPU only contend for the CPUs: warn.
+OVERSUBSCRIBED: Final = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,16 +35,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"shardudp: error: {message}\n")
 
 
-def _setting_arg(p: argparse.ArgumentParser, key: str, help: str | None = None) -> None:
-    """The flag of a setting, as its one declaration spells it."""
+def _default_help(s: config.Setting) -> str:
+    """`` (default: ...)`` for a setting's help, with what ``auto`` means on this host."""
+    if s.default is None:
+        return ""
+    value = str(s.default).lower() if isinstance(s.default, bool) else str(s.default)
+    here = {"workers": lambda: f"{usable_cpus()} here", "control": control.default_path}
+    if s.key in here:
+        value += f", {here[s.key]()}"
+    return f" (default: {value})"
+
+
+def _setting_arg(p: argparse.ArgumentParser, key: str, help: str | None = None,
+                 metavar: str | None = None) -> None:
+    """The flag of a setting, as its one declaration spells it (its help names its
+    default unless ``help`` replaces it)."""
     s = config.BY_KEY[key]
+    # argparse %-formats help texts.
+    text = (help or s.help + _default_help(s)).replace("%", "%%")
     if s.switch:
-        p.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction,
-                       help=help or s.help)
+        p.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction, help=text)
         return
     # Values stay strings here: config.build validates every source alike.
-    p.add_argument(s.flag, dest=s.key, metavar=s.metavar or None,
-                   action="append" if s.repeat else "store", help=help or s.help)
+    p.add_argument(s.flag, dest=s.key, metavar=metavar or s.metavar or None,
+                   action="append" if s.repeat else "store", help=text)
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -48,13 +69,14 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         _setting_arg(p, s.key)
 
 
-def _add_server_lookup(p: argparse.ArgumentParser, key: str) -> None:
+def _add_server_lookup(p: argparse.ArgumentParser, key: str, what: str,
+                       metavar: str | None = None) -> None:
     """``--KEY`` and ``--config`` of a command that talks to a running server, which
-    finds that setting as the server did (see ``_lookup``)."""
+    finds that setting as the server did (see ``_lookup``); ``what`` says what it is."""
     s = config.BY_KEY[key]
     default = "" if s.default is None else f", else {s.default}"
-    _setting_arg(p, key, help=f"As for run: {s.help} Default here: ${s.env}, else the "
-                              f"--config file's {s.key}{default}.")
+    _setting_arg(p, key, metavar=metavar,
+                 help=f"{what} (default: ${s.env}, else the --config file's {s.key}{default})")
     p.add_argument("--config", metavar="FILE",
                    help=f"the server's TOML file, to find its {s.key} setting")
 
@@ -82,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=config.BY_KEY["app"].help + " Same as --app.")
     _add_settings(run)
 
-    check = sub.add_parser("check", help="validate the configuration and import the APPs, "
-                                         "binding nothing")
+    check = sub.add_parser("check", help="refuse what run would refuse, binding nothing: "
+                                         "validate the configuration, load the APPs (building "
+                                         "factories, never classes)")
     check.add_argument("app_arg", nargs="?", metavar="APP", help="as for run")
     _add_settings(check)
 
@@ -99,14 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_args(status)
 
     health = sub.add_parser("health", help="exit 0 iff the server's /healthz answers 200")
-    _add_server_lookup(health, "metrics")
+    _add_server_lookup(health, "metrics", "The server's metrics address, HOST:PORT or PORT "
+                                          "(meaning 127.0.0.1:PORT)")
     health.add_argument("--http-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                         help="give up on /healthz after this long (default: 3)")
     return p
 
 
 def _add_control_args(p: argparse.ArgumentParser) -> None:
-    _add_server_lookup(p, "control")
+    # No `none` here: a server without a control socket has nothing to talk to.
+    _add_server_lookup(p, "control", "The server's control socket: PATH, or auto, which is "
+                                     f"{control.default_path()} here",
+                       metavar="PATH|auto")
     p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
 
 
@@ -251,6 +278,14 @@ def _read_config(path: str | None) -> str | None:
 def load_config(args: argparse.Namespace,
                 environ: dict[str, str] | None = None) -> config.ServerConfig:
     """The merged, validated config, checked against this host too."""
+    cfg = build_config(args, environ)
+    check_host(cfg)
+    return cfg
+
+
+def build_config(args: argparse.Namespace,
+                 environ: dict[str, str] | None = None) -> config.ServerConfig:
+    """The merged, validated config; ConfigError (with what was valid) if it is not."""
     cli_values = {s.key: getattr(args, s.key, None) for s in config.SETTINGS}
     labels = {}
     # The positional APP is the usual spelling of --app.
@@ -259,14 +294,19 @@ def load_config(args: argparse.Namespace,
             raise ConfigError(f"APP {args.app_arg} and --app {args.app} disagree: give one")
         cli_values["app"] = args.app_arg
         labels["app"] = "APP"
-    cfg = config.build(file_text=_read_config(args.config),
-                       environ=os.environ if environ is None else environ,
-                       cli=cli_values, cli_labels=labels, cpu_count=usable_cpus())
-    check_host(cfg)
-    return cfg
+    return config.build(file_text=_read_config(args.config),
+                        environ=os.environ if environ is None else environ,
+                        cli=cli_values, cli_labels=labels, cpu_count=usable_cpus())
 
 
 def check_host(cfg: config.ServerConfig) -> None:
+    """ConfigError for what ``host_problems`` finds."""
+    errors = host_problems(cfg)
+    if errors:
+        raise ConfigError(errors)
+
+
+def host_problems(cfg: config.ServerConfig) -> list[str]:
     """What the pure config cannot know: this host's users, groups, directories, and who we
     are."""
     errors = process.user_problems(cfg.user, cfg.group, cfg.label)[1]
@@ -279,8 +319,20 @@ def check_host(cfg: config.ServerConfig) -> None:
         datapaths.resolve(cfg.datapath)
     except RuntimeError as exc:
         errors.append(f"{cfg.label('datapath')}: {exc}")
-    if errors:
-        raise ConfigError(errors)
+    return errors
+
+
+def workers_warning(cfg: config.ServerConfig) -> str | None:
+    """A warning for many more workers than usable CPUs, with the memory they take."""
+    cpus = usable_cpus()
+    if cfg.workers <= OVERSUBSCRIBED * cpus:
+        return None
+    total = cfg.workers * WORKER_MEMORY
+    size = f"{total / (1 << 30):.1f} GiB" if total >= 1 << 30 else f"{total >> 20} MiB"
+    return (f"{cfg.label('workers')}: {cfg.workers} workers are {cfg.workers / cpus:.0f} "
+            f"times the {_plural(cpus, 'usable CPU')}: they only contend for the CPUs, and "
+            f"take about {size} of memory (about {WORKER_MEMORY >> 20} MiB each); "
+            "`--workers auto` starts one per CPU")
 
 
 def _cannot_append(path: Path) -> str | None:
@@ -301,15 +353,6 @@ def _print_errors(exc: ConfigError) -> None:
         print(f"shardudp: error: {line}", file=sys.stderr)
 
 
-def _apps_import_from_cwd() -> None:
-    """Like gunicorn: APP modules in the current directory import without PYTHONPATH.
-
-    Workers (and check's child) inherit this before importing the APP.
-    """
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """``shardudp run``: build the standard server and run it until it stops."""
 
@@ -317,7 +360,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return ExitCode.OK
-    _apps_import_from_cwd()
+    # The current directory is not put on sys.path here: the master (root,
+    # perhaps) imports its own code; only workers, once they dropped
+    # privileges, import from there (apploader.import_from_cwd).
     from . import logs, server
 
     try:
@@ -326,8 +371,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         # check_host saw it fine: the file changed since, or access() was too kind.
         raise ConfigError(f"{cfg.label('log_file')}: cannot open {cfg.log_file}: "
                           f"{exc.strerror or exc}") from None
+    if (warning := workers_warning(cfg)) is not None:
+        log.warning("%s", warning)
     master = server.build(cfg)
     code = master.run()
+    # The last line of the master's log, as "starting" was its first.
+    logging.getLogger("shardudp.master").log(
+        logging.INFO if code == ExitCode.OK else logging.WARNING,
+        "shardudp master pid=%d stopped, exit code %d", os.getpid(), code)
     # The log's writer thread may still hold lines: the exit line comes after them.
     logs.flush(logs.EXIT_FLUSH_TIMEOUT)
     if code != ExitCode.OK and master.exit_reason:
@@ -335,9 +386,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def _load_apps_and_exit(apps: Sequence[str], run_as: tuple[int, int] | None,
+def _load_apps_and_exit(listeners: Sequence[config.Listener], run_as: tuple[int, int] | None,
                         fd: int) -> NoReturn:  # pragma: no cover - runs in check's child
-    """Write ``APP<TAB>problem`` (empty if none) for each APP as a worker would load it."""
+    """Load each listener's APP as a worker would, saying how far it got: ``I import``,
+    ``I build`` (a factory: only calling it tells what it returns; a class is not
+    built), then ``I ok`` or ``I fail<TAB>the line run would print``."""
     code: int = ExitCode.OK
     try:
         # What the APP prints while importing must not mix into --print-config's JSON.
@@ -345,20 +398,30 @@ def _load_apps_and_exit(apps: Sequence[str], run_as: tuple[int, int] | None,
         # As in a worker: our own code loads with our rights, the APP after dropping them.
         import twisted.internet.protocol  # noqa: F401
 
-        from .apploader import AppError, load_app
+        from .apploader import AppError, boot_reason, booting, import_from_cwd, load_app
 
         process.drop_privileges(run_as)
-        for app in apps:
-            problem = ""
+        import_from_cwd()
+        for i, lst in enumerate(listeners):
+            os.write(fd, f"{i} import\n".encode())
             try:
-                load_app(app)  # resolves the attribute; builds nothing
-            except AppError as exc:  # its text reads after the APP's name
-                problem, code = " ".join(f"APP {app!r} {exc}".split()), ExitCode.BOOT
-            os.write(fd, f"{app}\t{problem}\n".encode())
+                with booting(lst):
+                    factory = load_app(lst.app)
+                    os.write(fd, f"{i} from\t{factory.source}\n".encode(
+                        errors="backslashreplace"))
+                    if not factory.builds_class:
+                        os.write(fd, f"{i} build\n".encode())
+                        factory()
+            except AppError as exc:
+                code = ExitCode.BOOT
+                os.write(fd, f"{i} fail\t{boot_reason(exc, run_as)}\n".encode())
+            else:
+                os.write(fd, f"{i} ok\n".encode())
     except BaseException as exc:
         code = ExitCode.ERROR
         with contextlib.suppress(OSError):
-            os.write(fd, f"\t{type(exc).__name__}: {exc}\n".encode())
+            os.write(fd, f"- fail\t{type(exc).__name__}: {exc}\n".encode(
+                errors="backslashreplace"))
     finally:
         for stream in (sys.stdout, sys.stderr):  # what the APP printed, on stderr
             with contextlib.suppress(Exception):
@@ -382,23 +445,25 @@ def _read_until_eof(fd: int, deadline: float) -> tuple[bytes, bool]:
     return bytes(out), False
 
 
-def check_apps(cfg: config.ServerConfig) -> list[str]:
-    """Import each listener's APP and resolve its attribute as a worker will, as the
-    worker's user; never build it (a constructor may have side effects). One line per
-    problem, as ``run`` reports it.
+def check_apps(cfg: config.ServerConfig, run_as: tuple[int, int] | None,
+               sources: dict[str, str] | None = None) -> list[str]:
+    """Load each listener's APP as a worker will, as the worker's user (``run_as``): one
+    line per problem, the very line ``run`` would print. A class is never instantiated
+    (a constructor may have side effects, and its type is known); a factory is called,
+    as only that tells whether it returns a protocol.
 
-    In a forked child: this process never imports Twisted, and the APP's import never
-    runs with rights the workers will not have. A child that takes longer than
-    --timeout would have been killed as a worker too.
+    In a forked child: this process never imports Twisted, and the APP never runs
+    with rights the workers will not have. A child that takes longer than --timeout
+    would have been killed as a worker too.
     """
-    apps = sorted({lst.app for lst in cfg.listeners})
-    run_as = process.lookup_user(cfg.user, cfg.group, cfg.label)
-    _apps_import_from_cwd()
+    listeners = cfg.listeners
+    if not listeners:
+        return []
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(read_fd)
-        _load_apps_and_exit(apps, run_as, write_fd)
+        _load_apps_and_exit(listeners, run_as, write_fd)
     os.close(write_fd)
     try:
         out, finished = _read_until_eof(read_fd, time.monotonic() + cfg.timeout)
@@ -408,38 +473,85 @@ def check_apps(cfg: config.ServerConfig) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    problems, done = [], set()
+    problems: list[str] = []
+    reached: dict[int, str] = {}
     for line in out.decode(errors="replace").splitlines():
-        app, _, problem = line.partition("\t")
-        done.add(app)
-        if problem:
+        head, _, problem = line.partition("\t")
+        index, _, step = head.partition(" ")
+        if step == "from" and index.isdigit() and sources is not None:
+            sources[listeners[int(index)].app] = problem
+            continue
+        if index.isdigit():
+            reached[int(index)] = step
+        if step == "fail":
             problems.append(problem)
-    # The child stopped at the first APP it did not report: the later ones were never tried.
-    stuck = next((app for app in apps if app not in done), None)
-    if stuck is not None and not finished:
-        problems.append(f"APP {stuck!r}: still importing after {cfg.timeout:g} s "
-                        f"({cfg.label('timeout')}), when a worker would be killed")
-    elif stuck is not None:
-        problems.append(f"APP {stuck!r}: importing it ended the process "
-                        f"(exit status {os.waitstatus_to_exitcode(status)})")
+    # The child stopped in the first listener it did not finish: the later ones were
+    # never tried.
+    stuck = next((i for i in range(len(listeners)) if reached.get(i) not in ("ok", "fail")),
+                 None)
+    if stuck is not None:
+        lst = listeners[stuck]
+        doing = "building" if reached.get(stuck) == "build" else "importing"
+        if not finished:
+            problems.append(f"APP {lst.app!r} (listener {lst.name}): still {doing} it after "
+                            f"{cfg.timeout:g} s ({cfg.label('timeout')}), when a worker would "
+                            "be killed")
+        else:
+            problems.append(f"APP {lst.app!r} (listener {lst.name}): {doing} it ended the "
+                            f"process (exit status {os.waitstatus_to_exitcode(status)})")
     return problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``shardudp check``: validate the configuration and import the APPs, binding nothing."""
+    """``shardudp check``: validate the configuration and load the APPs, binding nothing.
 
-    cfg = load_config(args)
-    problems = check_apps(cfg)
-    for line in problems:
+    Every problem ``run`` would stop at is reported, each as the line ``run`` would
+    print, in ``run``'s order; the exit code is ``run``'s for the first one.
+    """
+    lines: list[str] = []
+    code = ExitCode.OK
+
+    def found(problems: Sequence[str], as_code: ExitCode) -> None:
+        nonlocal code
+        lines.extend(problems)
+        if problems and code == ExitCode.OK:
+            code = as_code
+
+    cfg: config.ServerConfig | None = None
+    #: APP -> the file it imports from, as a worker imports it.
+    sources: dict[str, str] = {}
+    try:
+        cfg = build_config(args)
+    except ConfigError as exc:
+        found(exc.errors, ExitCode.USAGE)
+        if isinstance(exc.partial, config.ServerConfig):
+            cfg = exc.partial
+    if cfg is not None:
+        found(host_problems(cfg), ExitCode.USAGE)
+        if (warning := workers_warning(cfg)) is not None:
+            print(f"shardudp: warning: {warning}", file=sys.stderr)
+        if cfg.user is None and cfg.group is None:  # else the master must be root anyway
+            found([line for lst in cfg.listeners
+                   if (line := sockets.privilege_refusal(lst)) is not None], ExitCode.ERROR)
+        try:
+            run_as = process.lookup_user(cfg.user, cfg.group, cfg.label)
+        except ConfigError:
+            pass  # said above; loading the APPs as anyone else could mislead
+        else:
+            found(check_apps(cfg, run_as, sources), ExitCode.BOOT)
+    for line in lines:
         print(f"shardudp: error: {line}", file=sys.stderr)
-    if problems:
-        return ExitCode.BOOT
+    if code != ExitCode.OK or cfg is None:
+        return code
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
     else:
         apps = sorted({lst.app for lst in cfg.listeners})
+        who = f"as {cfg.user}" if cfg.user else f"as uid {os.geteuid()}"
+        how = "; ".join(f"{app} from {sources.get(app, '?')}" for app in apps)
         print(f"config ok: {_plural(cfg.workers, 'worker')}, "
-              f"{_plural(len(cfg.listeners), 'listener')}, APP {', '.join(apps)} imports")
+              f"{_plural(len(cfg.listeners), 'listener')}, APP {', '.join(apps)} imports "
+              f"({who}, after dropping privileges: {how})")
     return ExitCode.OK
 
 

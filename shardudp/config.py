@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from .errors import ConfigError
+from .readymade import APPS, expand
 
 #: "multicast" is a listener setting that only a multicast listener takes.
 Scope = Literal["server", "listener", "multicast"]
@@ -77,6 +78,21 @@ def _float(lo: float, hi: float) -> Callable[[object], float]:
     return parse
 
 
+_SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(v: object) -> int:
+    """Bytes: an integer, or a number with K, M or G (powers of 1024)."""
+    text = str(v).strip().lower().removesuffix("ib").removesuffix("b") \
+        if isinstance(v, str) else v
+    if isinstance(text, str):
+        m = re.fullmatch(r"(\d+)\s*([kmg]?)", text)
+        if not m:
+            raise ValueError(f"expected a size like 512M or 2G, got {v!r}")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    return _int(0, 1 << 50)(text)
+
+
 def _str(v: object) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a non-empty string, got {v!r}")
@@ -114,9 +130,10 @@ _APP_RE: Final = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def _app(v: object) -> str:
-    s = _str(v)
+    s = expand(_str(v))
     if not _APP_RE.match(s):
-        raise ValueError(f"expected MODULE:ATTR (e.g. workers.echo:Echo), got {s!r}")
+        raise ValueError(f"expected MODULE:ATTR (e.g. myapp:Echo) or a ready-made app "
+                         f"({', '.join(APPS)}), got {s!r}")
     return s
 
 
@@ -248,6 +265,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("quarantine", "server", _float(0.0, 86400.0), 300.0,
             "How long a source is refused after datagrams from it killed two workers "
             "(0: never refuse).", "SECONDS"),
+    Setting("max_worker_memory", "server", _size, 0,
+            "Replace a worker whose resident memory passes this (its successor first, "
+            "nothing lost), like uWSGI's reload-on-rss; 512M, 2G or bytes; 0: no limit.",
+            "BYTES"),
     Setting("metrics", "server", _local_address, None,
             "Serve /metrics and /healthz on HOST:PORT; PORT alone means 127.0.0.1:PORT "
             "(port 0 picks one and logs it).", "HOST:PORT"),
@@ -272,8 +293,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("pid_file", "server", _str, None,
             "Write the master's pid here; refuse to start over a live one.", "PATH"),
     Setting("app", "listener", _app, None,
-            "The protocol: MODULE:ATTR naming a DatagramProtocol subclass or a factory.",
-            "MODULE:ATTR"),
+            "The protocol: MODULE:ATTR naming a DatagramProtocol subclass or a factory, or a "
+            "ready-made app by name (echo = shardudp.workers.echo:Echo, sink, helloer, "
+            "multicast_ping, multicast_ping_client).", "MODULE:ATTR"),
     Setting("bind", "listener", _unicast, None,
             "Unicast listener address; repeat for more. Port 0 gives each worker a private "
             "socket that may connect().", "HOST:PORT", repeat=True),
@@ -360,6 +382,7 @@ class ServerConfig:
     steering: bool
     steer_grace: float
     quarantine: float
+    max_worker_memory: int
     metrics: Address | None
     metrics_interval: float
     datapath: str
@@ -569,11 +592,12 @@ def build(
         _refuse_multicast_only(layers[1:], errors)
     built = [lst for lst in listeners if lst is not None]
     _check_listeners(built, errors)
+    if not merged["steering"] and any(lst.sessions for lst in built):
+        errors.append(f"{origin.get('steering', 'steering')}: session keeping (session_idle) "
+                      "needs the steering program; turn steering on or session keeping off")
 
-    if errors:
-        raise ConfigError(errors)
     workers = merged["workers"]
-    return ServerConfig(
+    cfg = ServerConfig(
         workers=max(1, cpu_count) if workers == "auto" else workers,
         timeout=merged["timeout"],
         graceful_timeout=merged["graceful_timeout"],
@@ -581,6 +605,7 @@ def build(
         steering=merged["steering"],
         steer_grace=merged["steer_grace"],
         quarantine=merged["quarantine"],
+        max_worker_memory=merged["max_worker_memory"],
         metrics=merged["metrics"],
         metrics_interval=merged["metrics_interval"],
         datapath=merged["datapath"],
@@ -593,6 +618,10 @@ def build(
         listeners=tuple(built),
         origin=origin,
     )
+    if errors:
+        # What was valid, for `check` to go on with: it imports the listeners' APPs too.
+        raise ConfigError(errors, partial=cfg)
+    return cfg
 
 
 def _refuse_multicast_only(layers: Sequence[_Layer], errors: list[str]) -> None:

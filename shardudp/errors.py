@@ -39,11 +39,15 @@ class ConfigError(ShardUDPError):
     """The configuration (flags, environment, file) is invalid.
 
     ``errors`` holds every problem found, each naming its key path, so a user
-    fixes them all in one pass.
+    fixes them all in one pass. ``partial`` is what was valid of the
+    configuration (a ``config.ServerConfig`` with defaults where values were
+    bad), if it got that far: ``check`` goes on with it to report the APPs'
+    problems together with these.
     """
 
-    def __init__(self, errors: list[str] | str) -> None:
+    def __init__(self, errors: list[str] | str, partial: object = None) -> None:
         self.errors = [errors] if isinstance(errors, str) else list(errors)
+        self.partial = partial
         super().__init__("; ".join(self.errors))
 
 

@@ -316,8 +316,7 @@ class Master:
         if self.sup.stopping:
             # A second TERM/INT: the operator does not want to wait.
             log.warning("%s again: killing workers now", why.split()[0])
-            for pid in list(self.children):
-                self._kill(pid, signal.SIGKILL)
+            self.apply(self.sup.force())
             return
         self.apply(self.sup.shutdown(ExitCode.OK, why, self.clock()))
 

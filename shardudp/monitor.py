@@ -57,6 +57,8 @@ class Monitor(Service):
         #: Slots whose READY worker has not been heard from for SILENT_AFTER.
         self.silent: frozenset[int] = frozenset()
         self._state = MasterState()
+        #: Listeners whose truncated datagrams were reported in the log already.
+        self._truncation_said: set[str] = set()
 
     # -- hooks
 
@@ -92,8 +94,24 @@ class Monitor(Service):
             self.book.report(msg.slot, msg.incarnation, msg.seq, msg.listeners, now)
         except MalformedReport as exc:
             raise WireError(f"metrics report: {exc}") from None
+        self._note_truncation(msg)
         self._dirty = True
         return True
+
+    def _note_truncation(self, msg: wire.MetricsReport) -> None:
+        """Say once per listener that datagrams were cut, and what would fit them."""
+        for lst in self.master.cfg.listeners:
+            raw = msg.listeners.get(lst.name)
+            if lst.name in self._truncation_said or not isinstance(raw, dict) \
+                    or not raw.get("truncated"):
+                continue
+            self._truncation_said.add(lst.name)
+            longest = raw.get("truncated_max")
+            fit = (f"the longest was {longest} bytes: set max_packet_size to at least {longest}"
+                   if isinstance(longest, int) and longest > 0
+                   else "raise max_packet_size (this data path cannot tell by how much)")
+            log.warning("listener %s: datagrams longer than max_packet_size (%d bytes) were "
+                        "cut; %s", lst.name, lst.max_packet_size, fit)
 
     def after_turn(self, now: float) -> None:
         if self.http is not None:

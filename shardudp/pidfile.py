@@ -7,8 +7,12 @@ loses the pid file is refused having bound nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StartupError
@@ -38,36 +42,106 @@ def claim(path: str, pid: int) -> int:
 
     The lock makes check-and-write one step: of two servers started together
     one gets it, the other is refused. A file nobody locks is stale (its server
-    is gone) and is taken over, unless it names a live process.
+    is gone) and is replaced, unless it names a live process. The file is
+    never opened through a symbolic link, and is replaced atomically (written
+    beside it, then renamed over it), so a planted link cannot make the master
+    (root, perhaps) write elsewhere. As root, its directory must be one that
+    no other user can write.
     """
+    target = Path(path)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
-    for _ in range(3):  # a server exiting may unlink the file between open and lock
+    _check_directory(path, target.parent)
+    with _directory_lock(path, target.parent):
+        _refuse_live(path, pid)
+        fd = _write_beside(path, pid)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.rename(_tmp_of(path, pid), path)
         except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(_tmp_of(path, pid))
             raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
+        return fd
+
+
+def _check_directory(path: str, directory: Path) -> None:
+    """As root, refuse a directory another user could write into (plant a link there)."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(directory)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise StartupError(f"--pid-file {path}: its directory {directory} can be written by "
+                           "other users; as root, keep the pid file in a directory only root "
+                           "can write (e.g. /run/shardudp)")
+
+
+@contextlib.contextmanager
+def _directory_lock(path: str, directory: Path) -> Iterator[None]:
+    """Serialise claims of one directory's pid files (held for microseconds)."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _ in range(200):
+            try:
+                fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.005)  # another server claims a pid file here right now
+        else:
+            raise StartupError(f"--pid-file {path}: {directory} stayed locked for a second; "
+                               "is another server starting?")
+        yield
+    finally:
+        os.close(dfd)
+
+
+def _refuse_live(path: str, pid: int) -> None:
+    """Refuse a symbolic link, something not a file, or a pid file a live server holds."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StartupError(f"--pid-file {path} is a symbolic link: refusing to follow it "
+                               "(remove it; a pid file is never a link)") from None
+        raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StartupError(f"--pid-file {path} exists and is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
-            os.close(fd)
             raise StartupError(f"--pid-file {path}: process {holder or '(starting)'} is still "
                                "running") from None
-        if not _same_file(fd, path):
-            os.close(fd)
-            continue
         holder = _read_pid(fd)
         if holder is not None and holder != pid and _alive(holder):
-            os.close(fd)  # e.g. a server from before pid files were locked
+            # e.g. a server from before pid files were locked
             raise StartupError(f"--pid-file {path}: process {holder} is still running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{pid}\n".encode(), 0)
-        return fd
-    raise StartupError(f"--pid-file {path}: replaced while we claimed it; is another server "
-                       "starting?")
+    finally:
+        os.close(fd)
+
+
+def _tmp_of(path: str, pid: int) -> str:
+    return f"{path}.{pid}.new"
+
+
+def _write_beside(path: str, pid: int) -> int:
+    """A new, locked file next to ``path`` holding ``pid``; its fd."""
+    tmp = _tmp_of(path, pid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crashed start of a process with our pid
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+    except OSError as exc:
+        raise StartupError(f"--pid-file {path}: {exc.strerror}") from None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{pid}\n".encode())
+    return fd
 
 
 def release(path: str, fd: int) -> None:

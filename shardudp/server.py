@@ -10,9 +10,11 @@ Order matters where one service acts on what another did in the same hook:
    others; before the monitor, so what it publishes is what the kernel does.
 4. ``Poison``: hears which source a worker died on, quarantines it after two
    deaths and keeps every worker told.
-5. ``Monitor``: aggregates worker reports and publishes the view that
+5. ``MemoryGuard`` (``max_worker_memory``): replaces a worker over the limit,
+   its successor first.
+6. ``Monitor``: aggregates worker reports and publishes the view that
    /metrics and /healthz serve; it republishes on ``AllReady`` before...
-6. ``Announcer`` logs "all N workers ready" and tells systemd READY=1, so
+7. ``Announcer`` logs "all N workers ready" and tells systemd READY=1, so
    whoever acts on either finds /healthz at 200.
 """
 
@@ -25,6 +27,7 @@ from . import control
 from .commands import ControlService
 from .config import ServerConfig
 from .master import Master
+from .memguard import MemoryGuard
 from .monitor import Monitor
 from .pidfile import PidFile
 from .poison import Poison
@@ -41,6 +44,8 @@ def build(cfg: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> 
     path = control.resolve_path(cfg.control)
     if path is not None:
         services.append(ControlService(path, monitor))
-    services += [Steerer(cfg.steer_grace, programs=cfg.steering), Poison(cfg.quarantine),
-                 monitor, Announcer()]
+    services += [Steerer(cfg.steer_grace, programs=cfg.steering), Poison(cfg.quarantine)]
+    if cfg.max_worker_memory:
+        services.append(MemoryGuard(cfg.max_worker_memory))
+    services += [monitor, Announcer()]
     return Master(cfg, services, clock=clock)

@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -323,6 +324,42 @@ def _open_error(listener: Listener, exc: OSError) -> str:
                  "the workers as USER), or grant CAP_NET_BIND_SERVICE (in a systemd unit: "
                  "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
     return line
+
+
+#: Below it, binding needs privilege (``net.ipv4.ip_unprivileged_port_start``; IPv6 too).
+_UNPRIVILEGED_PORT_START: Final = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+#: Its bit in a capability set (linux/capability.h).
+CAP_NET_BIND_SERVICE: Final = 10
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(_UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _may_bind_privileged() -> bool:
+    """Root, or CAP_NET_BIND_SERVICE in our effective set."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
+    return False
+
+
+def privilege_refusal(listener: Listener) -> str | None:
+    """The line ``open_socket`` would fail with for lack of privilege to bind the
+    listener's port, predicted without binding anything (for ``check``)."""
+    port = listener.address.port
+    if 0 < port < _unprivileged_port_start() and not _may_bind_privileged():
+        return _open_error(listener, OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    return None
 
 
 def rcvbuf_of(sock: socket.socket) -> int:

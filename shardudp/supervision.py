@@ -93,7 +93,8 @@ class StopReason(enum.Enum):
     WIRE = "wire"
     #: The APP closed one of the worker's listener ports (stopListening).
     CLOSED = "closed"
-    #: Over the memory limit: replaced once its successor is READY.
+    #: Over the memory limit: replaced once its successor is READY (planned:
+    #: nothing to respawn, but counted as a restart).
     MEMORY = "memory"
 
     @property
@@ -102,7 +103,8 @@ class StopReason(enum.Enum):
         return self in _PLANNED
 
 
-_PLANNED: Final = frozenset({StopReason.RELOAD, StopReason.SCALE, StopReason.SHUTDOWN})
+_PLANNED: Final = frozenset({StopReason.RELOAD, StopReason.SCALE, StopReason.SHUTDOWN,
+                             StopReason.MEMORY})
 
 
 class RestartReason(enum.Enum):
@@ -312,6 +314,9 @@ class Slot:
     reload_failures: int = 0
     #: Added by a scale-up and no worker was ever forked for it.
     fresh: bool = False
+    #: Why its current worker is being replaced by the incoming one, when that
+    #: is not a reload (over the memory limit).
+    renew: StopReason | None = None
     #: Recent deaths blamed on a poison source: (when, which source).
     poison_deaths: list[tuple[float, str]] = dataclasses.field(default_factory=list)
 
@@ -410,6 +415,8 @@ class Supervisor:
         self._ever_ready = False
         self._all_ready = False
         self._stopping: ExitCode | None = None
+        #: A stop that had to kill a worker (past its deadline, or asked twice).
+        self._forced = False
         self._stop_reason = ""
         self._reload: list[int] = []
         self._reloading = False
@@ -529,13 +536,14 @@ class Supervisor:
             # once it has served its sessions if it keeps any.
             old = self.workers[s.current]
             s.current, s.incoming = pid, None
+            why, s.renew = s.renew or StopReason.RELOAD, None
             if self.policy.sessions and old.state is WorkerState.READY:
                 # The reload moves on while it drains: it serves only its sessions.
-                out += self._drain(old, StopReason.RELOAD, now)
+                out += self._drain(old, why, now)
                 out += self._check_all_ready()
                 return out + self._advance_reload(now)
             else:
-                out += self._request_stop(old, StopReason.RELOAD, now, drain=False)
+                out += self._request_stop(old, why, now, drain=False)
         if self._leader is None or self._leader not in self.workers:
             self._leader = pid
             out.append(Lead(pid))
@@ -654,7 +662,8 @@ class Supervisor:
         s = self.slots.get(w.slot)
         label, text = describe_exit(code, signal)
         expected = w.stop_reason is not None and w.stop_reason.planned
-        reason = None if expected else _RESTART_FOR_STOP.get(w.stop_reason, label)
+        reason = (_RESTART_FOR_STOP.get(w.stop_reason) if expected
+                  else _RESTART_FOR_STOP.get(w.stop_reason, label))
         if expected or self._stopping is not None or (code == 0 and signal is None):
             culprit = None
         out: list[Action] = [Retired(w.slot, w.incarnation, reason, culprit, pid)]
@@ -700,6 +709,9 @@ class Supervisor:
         msg = f"worker slot={w.slot} pid={pid} {text}"
         if w.stop_reason is not None:
             msg += f" after {w.stop_reason.value}"
+        if was_incoming and s.renew is not None:  # a renewal's replacement died first
+            s.renew = None
+            return [*out, Say("warning", f"{msg}; slot {s.index} keeps worker pid={s.current}")]
         if was_incoming:  # the old worker still serves the slot
             boot = w.boot_error is not None or (code == ExitCode.BOOT and signal is None)
             return out + self._retry_replacement(s, msg, boot, now)
@@ -735,6 +747,8 @@ class Supervisor:
             elif w.state is WorkerState.STOPPING:
                 if w.kill_at is not None and now >= w.kill_at:
                     w.kill_at = None
+                    if self._stopping is not None:
+                        self._forced = True
                     out += [Say("warning", f"worker slot={w.slot} pid={w.pid} did not stop in "
                                            "time; killing"), Kill(w.pid, Sig.KILL)]
             elif now - w.last_seen > self.policy.timeout:
@@ -779,6 +793,17 @@ class Supervisor:
         for w in list(self.workers.values()):
             out += self._request_stop(w, StopReason.SHUTDOWN, now, drain=True)
         return out + self._maybe_exit()
+
+    def renew(self, slot: int, why: StopReason, text: str, now: float) -> list[Action]:
+        """Replace the slot's READY worker gracefully: its successor first, then it stops
+        (or drains its sessions), with nothing lost. Ignored while the slot is busy."""
+        s = self.slots.get(slot)
+        if (self._stopping is not None or s is None or s.retiring or s.opening
+                or s.incoming is not None or s.spawning or s.current is None
+                or self.workers[s.current].state is not WorkerState.READY):
+            return []
+        s.renew = why
+        return [Say("warning", f"{text}; replacing it (its successor first)"), *self._spawn(s)]
 
     def reload(self, now: float) -> list[Action]:
         if self._stopping is not None:
@@ -970,8 +995,18 @@ class Supervisor:
             self._all_ready = False
         return []
 
+    def force(self) -> list[Action]:
+        """The operator asked again (a second TERM/INT): every worker is killed now."""
+        if self._stopping is None:
+            return []
+        self._forced = True
+        return [Kill(pid, Sig.KILL) for pid in sorted(self.workers)]
+
     def _maybe_exit(self) -> list[Action]:
         if self._stopping is None or self.workers or self._exited:
             return []
         self._exited = True
+        if self._forced and self._stopping is ExitCode.OK:
+            # Stopped, but not gracefully: some stopProtocol may not have run.
+            return [Exit(ExitCode.FORCED, f"{self._stop_reason}; workers had to be killed")]
         return [Exit(self._stopping, self._stop_reason)]

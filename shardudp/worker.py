@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import logs, process, wire
-from .apploader import AppError, boot_reason, booting, load_app, raised
+from .apploader import AppError, boot_reason, booting, import_from_cwd, load_app, raised
 from .errors import ExitCode
 from .gate import Gate
 from .pipewriter import PipeWriter
@@ -403,6 +403,8 @@ def run(spec: WorkerSpec) -> int:
     reactor: Any = shard_reactor.install(spec.datapath)
     process.drop_privileges(spec.run_as)
     process.die_with_master(spec.master_pid)
+    # Only now, with the workers' rights: the APP may live in the current directory.
+    import_from_cwd()
     observer: Any = STDLibLogObserver()
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     worker = Worker(spec, reactor, out)

@@ -284,3 +284,14 @@ class Sessions(DatagramProtocol):
         n = self.seq[addr] = self.seq.get(addr, 0) + 1
         self.transport.write(b"%d %s %d %s" % (n, self.VERSION.encode(), os.getpid(), data),
                              addr)
+
+
+class Leaky(DatagramProtocol):
+    """WhoAmI that keeps 256 KiB per datagram forever: its memory only grows."""
+
+    def startProtocol(self):
+        self.kept = []
+
+    def datagramReceived(self, data, addr):
+        self.kept.append(bytearray(256 * 1024))
+        self.transport.write(b"%d:" % os.getpid() + data, addr)

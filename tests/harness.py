@@ -70,10 +70,8 @@ class Server:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None, prefix: Sequence[str] = ()) -> None:
         full_env = child_env()
-        # Each server its own control socket: tests and benches may overlap.
-        self.control = f"/tmp/shardudp-test-{os.getpid()}-{next(_COUNTER)}.sock"
-        full_env["SHARDUDP_CONTROL"] = self.control
         full_env.update(env or {})
+        self.control = full_env["SHARDUDP_CONTROL"]
         self.args = list(args)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "shardudp", *args],
@@ -163,10 +161,22 @@ class Server:
             self.proc.wait(5)
 
 
+def control_path() -> str:
+    """A control socket path of the test's own, never used before in this run."""
+    return f"/tmp/shardudp-test-{os.getpid()}-{next(_COUNTER)}.sock"
+
+
 def child_env(extra_path: Sequence[Path] = ()) -> dict[str, str]:
-    """The environment a shardudp subprocess gets: this checkout and tests/ importable."""
-    env = dict(os.environ)
+    """The environment a shardudp subprocess gets: this checkout and tests/ importable,
+    its own control socket, and none of the host's settings.
+
+    No test touches a host default: a shardudp that an operator runs on this host
+    (as root it serves /run/shardudp/control.sock) must not make the suite fail,
+    nor the suite's servers disturb it. Tests and benches may overlap too.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDUDP_")}
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (ROOT, TESTS, *extra_path))
+    env["SHARDUDP_CONTROL"] = control_path()
     env.pop("NOTIFY_SOCKET", None)
     return env
 

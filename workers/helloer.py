@@ -3,7 +3,9 @@
 As the APP on port 0 each worker gets a private socket it may connect():
 
     HELLOER_HOST=127.0.0.1 HELLOER_PORT=1234 \
-        shardudp run workers.helloer:Helloer --bind 127.0.0.1:0 --workers 2
+        shardudp run helloer --bind 127.0.0.1:0 --workers 2
+
+(``helloer`` is short for shardudp.workers.helloer:Helloer.)
 
 The upstream address comes from the environment (the how-to hard-codes it).
 """

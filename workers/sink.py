@@ -1,6 +1,8 @@
 """A sink: counts datagrams and does nothing else.
 
-    shardudp run workers.sink:Sink --bind 127.0.0.1:9999
+    shardudp run sink --bind 127.0.0.1:9999
+
+(``sink`` is short for shardudp.workers.sink:Sink.)
 
 The bench uses it for the sink scenarios, where the cost of receiving alone
 is measured; ``received`` is per worker (one protocol instance per worker).

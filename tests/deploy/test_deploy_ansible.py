@@ -70,11 +70,11 @@ UNSET = object()
 
 BAD_INPUTS: dict[str, tuple[dict[str, object], str]] = {
     "unknown listener key": (
-        {"shardudp_listeners": [{"app": "workers.echo:Echo", "bind": "127.0.0.1:1",
+        {"shardudp_listeners": [{"app": "echo", "bind": "127.0.0.1:1",
                                  "colour": "red"}]},
         "shardudp_listeners.colour"),
     "bind and multicast": (
-        {"shardudp_listeners": [{"app": "workers.echo:Echo", "bind": "127.0.0.1:1",
+        {"shardudp_listeners": [{"app": "echo", "bind": "127.0.0.1:1",
                                  "multicast": "239.255.42.99:5000"}]},
         "mutually exclusive: bind|multicast"),
     "zero workers": ({"shardudp_workers": 0}, "shardudp_workers must be a positive integer"),
@@ -255,9 +255,9 @@ def test_config_template_writes_typed_toml(tmp_path: Path) -> None:
         "shardudp_extra_settings": {"datapath": "python", "graceful_timeout": 2.5,
                                     "metrics_interval": 0},
         "shardudp_listeners": [
-            {"name": 'quote"and\\backslash', "app": "workers.echo:Echo",
+            {"name": 'quote"and\\backslash', "app": "echo",
              "bind": "[::1]:9999", "rcvbuf": 4194304},
-            {"app": "workers.echo:Echo", "multicast": "239.255.42.99:5000",
+            {"app": "echo", "multicast": "239.255.42.99:5000",
              "multicast_mode": "fanout", "multicast_interface": "127.0.0.1"},
         ],
     })
@@ -267,9 +267,9 @@ def test_config_template_writes_typed_toml(tmp_path: Path) -> None:
     assert (doc["datapath"], doc["graceful_timeout"], doc["metrics_interval"]) == ("python", 2.5, 0)
     assert "user" not in doc and "pid_file" not in doc  # only when asked for
     assert doc["listener"] == [
-        {"name": 'quote"and\\backslash', "app": "workers.echo:Echo", "bind": "[::1]:9999",
+        {"name": 'quote"and\\backslash', "app": "echo", "bind": "[::1]:9999",
          "rcvbuf": 4194304},
-        {"app": "workers.echo:Echo", "multicast": "239.255.42.99:5000",
+        {"app": "echo", "multicast": "239.255.42.99:5000",
          "multicast_mode": "fanout", "multicast_interface": "127.0.0.1"},
     ]
 
@@ -280,5 +280,5 @@ def test_config_template_defaults_and_privilege_drop(tmp_path: Path) -> None:
     assert doc["workers"] == "auto"
     assert (doc["user"], doc["group"]) == ("shardudp", "shardudp")
     assert doc["pid_file"] == "/run/shardudp/shardudp.pid"
-    assert doc["listener"] == [{"name": "echo", "app": "workers.echo:Echo",
+    assert doc["listener"] == [{"name": "echo", "app": "echo",
                                 "bind": "0.0.0.0:9999"}]

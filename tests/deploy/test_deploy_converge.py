@@ -166,9 +166,9 @@ def converged() -> Iterator[Converged]:
         "shardudp_workers": WORKERS,
         "shardudp_metrics": f"127.0.0.1:{ports['metrics']}",
         "shardudp_listeners": [
-            {"name": "echo4", "app": "workers.echo:Echo",
+            {"name": "echo4", "app": "echo",
              "bind": f"127.0.0.1:{ports['udp4']}", "rcvbuf": 1048576},
-            {"name": "echo6", "app": "workers.echo:Echo", "bind": f"[::1]:{ports['udp6']}"},
+            {"name": "echo6", "app": "echo", "bind": f"[::1]:{ports['udp6']}"},
         ],
     }
     env = {k: v for k, v in tool_env(root).items() if not k.startswith("SHARDUDP_")}
@@ -224,7 +224,7 @@ def test_rendered_unit_passes_systemd_analyze_verify(converged: Converged) -> No
 
 def test_a_config_the_server_rejects_never_lands(converged: Converged) -> None:
     before = converged.config.read_bytes()
-    bad = [{"name": "echo4", "app": "workers.echo:Echo", "bind": "127.0.0.1:70000"}]
+    bad = [{"name": "echo4", "app": "echo", "bind": "127.0.0.1:70000"}]
     res = converged.playbook(shardudp_listeners=bad)
     assert res.returncode != 0, res.stdout
     assert "Render the shardudp config" in res.stdout

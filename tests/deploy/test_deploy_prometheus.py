@@ -299,7 +299,7 @@ SENT = 1000
 
 @pytest.mark.skipif(prometheus_missing() is not None, reason=str(prometheus_missing()))
 def test_real_prometheus_counts_the_datagrams_sent(tmp_path: Path) -> None:
-    with serving("workers.echo:Echo", workers=2, extra=["--metrics", "127.0.0.1:0"]) as (srv,
+    with serving("echo", workers=2, extra=["--metrics", "127.0.0.1:0"]) as (srv,
                                                                                         port):
         metrics_port = int(srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")[0]
                            .group(1))

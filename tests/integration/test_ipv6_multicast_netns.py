@@ -192,13 +192,13 @@ def test_unmodified_seed_ping_pong(netns: str) -> None:
     """The how-to's server and client as written: 228.0.0.5:9999, no interface."""
     _route_multicast(netns, "lo")
     prefix = ["ip", "netns", "exec", netns]
-    srv = Server(["run", "workers.multicast_ping:MulticastPingPong", "--multicast",
+    srv = Server(["run", "multicast_ping", "--multicast",
                   "228.0.0.5:9999", "--multicast-interface", "127.0.0.1", "--workers", "3"],
                  prefix=prefix)
     client = None
     try:
         srv.wait_line("all 3 workers ready", timeout=20)
-        client = Server(["run", "workers.multicast_ping:MulticastPingClient", "--bind",
+        client = Server(["run", "multicast_ping_client", "--bind",
                          "127.0.0.1:0", "--workers", "2"], prefix=prefix)
         client.wait_line(r"Datagram b'Server: Pong' received from \('127\.0\.0\.1', 9999\)",
                          count=2)
@@ -234,7 +234,7 @@ def test_seed_join_without_interface_stays_on_the_listeners_interface(
     """The default multicast route goes out dm0; --multicast-interface says lo.
     The seed's joinGroup("228.0.0.5") must not add a membership on dm0."""
     _route_multicast(netns, "dm0")
-    srv = Server(["run", "workers.multicast_ping:MulticastPingPong", "--multicast",
+    srv = Server(["run", "multicast_ping", "--multicast",
                   "228.0.0.5:9999", "--multicast-interface", "127.0.0.1", "--multicast-mode",
                   mode, "--workers", "2"], prefix=["ip", "netns", "exec", netns])
     try:

@@ -283,7 +283,7 @@ def test_healthz_follows_ready_workers(tmp_path) -> None:
 
 
 def test_with_counting_off_traffic_reads_as_unknown_not_as_zero() -> None:
-    with serving("workers.echo:Echo", workers=1,
+    with serving("echo", workers=1,
                  extra=["--metrics", "127.0.0.1:0", "--metrics-interval", "0"]) as \
             (srv, port), Flows(1, port) as flows:
         mport = metrics_port(srv)
@@ -310,7 +310,7 @@ def test_with_counting_off_traffic_reads_as_unknown_not_as_zero() -> None:
 
 
 def test_healthz_fails_while_a_worker_is_stopped_and_recovers_on_cont() -> None:
-    with serving("workers.echo:Echo", workers=2, extra=FAST) as (srv, port), \
+    with serving("echo", workers=2, extra=FAST) as (srv, port), \
             Flows(1, port) as flows:
         mport = metrics_port(srv)
         assert wait_health(mport, 200) == "ok\n"

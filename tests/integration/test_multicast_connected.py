@@ -325,9 +325,9 @@ def test_scale_and_reload_under_a_stream_in_every_mode(senders: McastSenders,
 
 def test_seed_ping_client_and_server_through_a_sharded_server() -> None:
     env = {"PING_GROUP": GROUP, "PING_INTERFACE": "127.0.0.1"}
-    srv, port = mcast_server("shard", app="workers.multicast_ping:MulticastPingPong", env=env)
+    srv, port = mcast_server("shard", app="multicast_ping", env=env)
     env["PING_PORT"] = str(port)
-    client = Server(["run", "workers.multicast_ping:MulticastPingClient",
+    client = Server(["run", "multicast_ping_client",
                      "--bind", "127.0.0.1:0", "--workers", "2"], env=env)
     try:
         # Two clients (one per client worker), each ping handled once, each
@@ -388,7 +388,7 @@ class Upstream:
 
 @pytest.mark.parametrize("how", ["app-on-port-0", "opened-inside-worker"])
 def test_helloer_connection_refused_then_echo(how: str) -> None:
-    app = "workers.helloer:Helloer" if how == "app-on-port-0" else "workers.helloer:OpensHelloer"
+    app = "helloer" if how == "app-on-port-0" else "shardudp.workers.helloer:OpensHelloer"
     bind = "127.0.0.1:0" if how == "app-on-port-0" else f"127.0.0.1:{free_port()}"
     # Nobody listens: a free port, reserved then released.
     dead = free_port()

@@ -48,7 +48,7 @@ metrics_interval = 0.5
 
 [[listener]]
 name = "echo"
-app = "workers.echo:Echo"
+app = "echo"
 bind = "127.0.0.1:{p1}"
 
 [[listener]]
@@ -150,7 +150,7 @@ def test_ctl_status_scale_reload_stop_lose_nothing() -> None:
 
 def test_control_socket_survives_fuzz_from_many_clients() -> None:
     rng = random.Random(1234)
-    with serving("workers.echo:Echo", workers=1) as (srv, port), Flows(1, port) as flows:
+    with serving("echo", workers=1) as (srv, port), Flows(1, port) as flows:
         payloads = [
             b"", b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", b"\x00\x00\x00\x02\xc1\xc1",
             msgpack.packb({"cmd": "scale"}), msgpack.packb({"cmd": "scale", "n": "x"}),
@@ -239,7 +239,7 @@ def _pipeline(path: str) -> str:
 
 
 def test_ctl_errors_are_clear() -> None:
-    with serving("workers.echo:Echo", workers=1) as (srv, _port):
+    with serving("echo", workers=1) as (srv, _port):
         res = ctl(srv, "scale", "0")
         assert (res.returncode, res.stderr) == (
             2, "shardudp: error: ctl scale: 0 is out of range [1, 1024]\n")
@@ -307,10 +307,10 @@ def test_sd_notify_ready_only_after_all_workers_ready(tmp_path: Path) -> None:
 
 def test_pid_file_written_removed_and_refuses_a_live_pid(tmp_path: Path) -> None:
     pid_file = tmp_path / "run" / "shardudp.pid"
-    with serving("workers.echo:Echo", workers=1, extra=["--pid-file", str(pid_file)]) as \
+    with serving("echo", workers=1, extra=["--pid-file", str(pid_file)]) as \
             (srv, _port):
         assert pid_file.read_text().strip() == str(srv.pid)
-        res = _cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
+        res = _cli("run", "echo", "--bind", f"127.0.0.1:{free_port()}",
                    "--pid-file", str(pid_file))
         assert res.returncode == 1
         assert f"process {srv.pid} is still running" in res.stderr
@@ -395,7 +395,7 @@ def test_failing_reopen_logs_is_an_error_reply_and_the_server_keeps_serving(
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     log_file = log_dir / "shardudp.log"
-    with serving("workers.echo:Echo", workers=2, ready=False,
+    with serving("echo", workers=2, ready=False,
                  extra=["--log-file", str(log_file)]) as (srv, port), Flows(1, port) as flows:
         _wait_healthy(srv.control)
         (log_dir / "shardudp.log").unlink()
@@ -421,13 +421,13 @@ def test_failing_reopen_logs_is_an_error_reply_and_the_server_keeps_serving(
 
 
 def test_second_server_clashing_on_the_control_socket_binds_nothing() -> None:
-    with serving("workers.echo:Echo", workers=1) as (first, _port), \
+    with serving("echo", workers=1) as (first, _port), \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         # The second server's port is taken too: had it bound UDP first, it
         # would complain about the port rather than the control socket.
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]
-        res = _cli("run", "workers.echo:Echo", "--bind", f"127.0.0.1:{port}",
+        res = _cli("run", "echo", "--bind", f"127.0.0.1:{port}",
                    env={"SHARDUDP_CONTROL": first.control})
         assert res.returncode == 1, res.stderr
         assert f"control socket {first.control} is served by a running shardudp" in res.stderr
@@ -582,7 +582,7 @@ def test_pid_file_claim_is_atomic_and_replaces_only_stale_files(tmp_path: Path) 
 
 def test_servers_started_together_on_one_pid_file_leave_one_running(tmp_path: Path) -> None:
     pid_file = tmp_path / "shardudp.pid"
-    servers = [Server(["run", "workers.echo:Echo", "--bind", f"127.0.0.1:{free_port()}",
+    servers = [Server(["run", "echo", "--bind", f"127.0.0.1:{free_port()}",
                        "--workers", "1", "--pid-file", str(pid_file)]) for _ in range(3)]
     try:
         pidfds = {os.pidfd_open(s.pid): s for s in servers}
@@ -613,7 +613,7 @@ def test_the_systemd_units_reload_is_a_rolling_restart() -> None:
     """`systemctl reload shardudp` runs the unit's ExecReload with $MAINPID set."""
     unit = (ROOT / "deploy" / "systemd" / "shardudp.service").read_text()
     (reload_line,) = [ln for ln in unit.splitlines() if ln.startswith("ExecReload=")]
-    with serving("workers.echo:Echo", workers=2) as (srv, _port):
+    with serving("echo", workers=2) as (srv, _port):
         old = srv.ready_pids(count=2)
         mark = srv.mark()
         argv = [a.replace("$MAINPID", str(srv.pid))

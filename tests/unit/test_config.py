@@ -280,9 +280,11 @@ def test_multicast_only_settings_are_refused_where_meaningless(text: str, needle
           "--app (a listener given here replaces the file's [[listener]] tables)"]),
         # A bad APP is one error, named as it was given, not a second "no APP" too.
         ({"cli": {"app": "workers.echo", "bind": ["127.0.0.1:1"]}, "cli_labels": {"app": "APP"}},
-         ["APP: expected MODULE:ATTR (e.g. workers.echo:Echo), got 'workers.echo'"]),
+         ["APP: expected MODULE:ATTR (e.g. myapp:Echo) or a ready-made app (echo, sink, "
+          "helloer, multicast_ping, multicast_ping_client), got 'workers.echo'"]),
         ({"file_text": 'app = "x"\n[[listener]]\nbind = "127.0.0.1:1"'},
-         ["app: expected MODULE:ATTR (e.g. workers.echo:Echo), got 'x'"]),
+         ["app: expected MODULE:ATTR (e.g. myapp:Echo) or a ready-made app (echo, sink, "
+          "helloer, multicast_ping, multicast_ping_client), got 'x'"]),
         # Multicast settings from the command line or the environment need a multicast
         # listener, as in a listener table.
         ({"cli": {"app": "a:B", "bind": ["127.0.0.1:1"], "multicast_ttl": "4"}},

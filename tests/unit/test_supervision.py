@@ -243,7 +243,7 @@ def test_scale_up_and_down_drains_the_removed_slot() -> None:
     assert any("refused" in getattr(a, "message", "") for a in h.sup.scale(0, h.now))
 
 
-def test_shutdown_stops_everyone_then_exits_ok_and_kills_laggards() -> None:
+def test_shutdown_stops_everyone_and_a_stop_that_killed_laggards_exits_forced() -> None:
     h = Harness(2)
     h.ready_all()
     pids = h.pids()
@@ -254,8 +254,28 @@ def test_shutdown_stops_everyone_then_exits_ok_and_kills_laggards() -> None:
     assert {a.pid for a in out if isinstance(a, Kill)} == set(pids.values())
     h.feed(h.sup.exited(pids[0], 0, None, h.now))
     out = h.feed(h.sup.exited(pids[1], None, 9, h.now))
-    assert out[-1] == Exit(ExitCode.OK, "SIGTERM received")
+    assert out[-1] == Exit(ExitCode.FORCED, "SIGTERM received; workers had to be killed")
     assert not any(isinstance(a, Spawn) for a in h.actions[-5:])
+
+
+def test_a_graceful_stop_exits_ok_and_a_second_request_kills_and_exits_forced() -> None:
+    h = Harness(2)
+    h.ready_all()
+    pids = h.pids()
+    h.feed(h.sup.shutdown(ExitCode.OK, "SIGTERM received", h.now))
+    for pid in pids.values():
+        out = h.feed(h.sup.exited(pid, 0, None, h.now))
+    assert out[-1] == Exit(ExitCode.OK, "SIGTERM received")
+    h = Harness(2)
+    h.ready_all()
+    pids = h.pids()
+    assert h.sup.force() == []  # not stopping: nothing to force
+    h.feed(h.sup.shutdown(ExitCode.OK, "SIGINT received", h.now))
+    out = h.feed(h.sup.force())
+    assert {a.pid for a in out if isinstance(a, Kill) and a.sig is Sig.KILL} == set(pids.values())
+    for pid in pids.values():
+        out = h.feed(h.sup.exited(pid, None, 9, h.now))
+    assert out[-1].code is ExitCode.FORCED
 
 
 def test_leader_moves_when_it_dies() -> None:

@@ -32,6 +32,17 @@ SKIP_DIRS = frozenset({"__pycache__", "build", "dist"})
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".egg-info")
 
 
+def _package_dir(package: str, mapping: dict[str, str]) -> str:
+    """Where setuptools finds ``package``: its ``package-dir`` mapping (the longest
+    mapped prefix, e.g. ``"shardudp.workers" = "workers"``), else under the root's."""
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in mapping:
+            return "/".join([mapping[prefix].strip("/"), *parts[i:]])
+    return "/".join([p for p in (mapping.get("", "").strip("/"),) if p] + parts)
+
+
 def packaged_paths(root: str) -> list[str]:
     """Files and directories (relative to ``root``) that the built package comes from."""
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
@@ -42,9 +53,15 @@ def packaged_paths(root: str) -> list[str]:
         readme = readme.get("file")
     if isinstance(readme, str):
         paths.append(readme)
-    packages = meta.get("tool", {}).get("setuptools", {}).get("packages")
+    setuptools = meta.get("tool", {}).get("setuptools", {})
+    packages = setuptools.get("packages")
     if isinstance(packages, list):
-        paths.extend(sorted({p.split(".")[0] for p in packages}))
+        mapping = setuptools.get("package-dir")
+        dirs = sorted({_package_dir(p, mapping if isinstance(mapping, dict) else {})
+                       for p in packages})
+        # A package inside another listed one is walked with it.
+        paths.extend(d for d in dirs
+                     if not any(d.startswith(other + "/") for other in dirs if other != d))
     else:
         # No explicit list: what setuptools' discovery would find (src layout,
         # or top-level packages).
