@@ -6,9 +6,10 @@ per-repetition pairs against ``--no-steering``:
 
 - ``steering`` (the default): the reuseport program in place;
 - ``sessions``: session keeping on (``--session-idle 30``): flows tracked;
-- ``before`` (with ``--before TREE``): a checkout of an earlier commit, e.g.
-  the one before this round's house refactor, with its own C extension
-  built (``python setup.py build_ext --inplace`` in it).
+- ``tree NAME`` (each ``--before TREE``): a checkout of an earlier commit,
+  e.g. the ones before and after this round's house refactor, with its own C
+  extension built (``python setup.py build_ext --inplace`` in it); trees are
+  also compared with the first one.
 
 ``recovery``: two workers, 32 flows at 1000 datagrams a second; a fault hits
 the slot of flow 0; per flow of that slot, the gap between its last reply
@@ -29,6 +30,7 @@ import socket
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,15 +62,15 @@ def _in_tree(ctx: Context, tree: Path) -> Starter:
     return start
 
 
-def features(ctx: Context, before: Path | None) -> list[Row]:
+def features(ctx: Context, before: Sequence[Path]) -> list[Row]:
     load = Load("echo", 64, ctx.duration, ctx.flows)
     configs: list[tuple[str, Starter]] = [
         ("--no-steering", _shard(ctx, ECHO_APP, 1, ["--no-steering"])),
         ("steering (default)", _shard(ctx, ECHO_APP, 1, [])),
         ("sessions (--session-idle 30)", _shard(ctx, ECHO_APP, 1, ["--session-idle", "30"])),
     ]
-    if before is not None:
-        configs.append((f"before ({before.name})", _in_tree(ctx, before)))
+    for tree in before:
+        configs.append((f"tree {tree.name}", _in_tree(ctx, tree)))
     more = replace(ctx, reps=ctx.reps * METRICS_REPS_FACTOR)
     samples, errors = _interleaved(more, "features", configs, [load])
     ref_name = configs[0][0]
@@ -85,6 +87,16 @@ def features(ctx: Context, before: Path | None) -> list[Row]:
             row["pps_vs_no_steering"] = statistics.median(pps) if pps else None
             row["pairs"] = len(pps)
         rows.append(row)
+    # Trees against each other (the first is the oldest): what changed between them.
+    trees = [name for name, _ in configs if name.startswith("tree ")]
+    for name in trees[1:]:
+        first = trees[0]
+        if (name, load) in samples and (first, load) in samples:
+            _, cheaper = _pair_ratios(samples[(name, load)], samples[(first, load)])
+            if cheaper:
+                rows.append({"config": f"{name} vs {first}",
+                             "cpu_change": statistics.median([1 / c for c in cheaper]) - 1,
+                             "pairs": len(cheaper)})
     return rows
 
 
@@ -148,7 +160,8 @@ def _recover(ctx: Context, server: harness.ShardServer, fault: str) -> Row:
                     last[flow] = now
         hit = sorted(gaps.values())
         if fault == "SIGSTOP":
-            os.kill(victim, signal.SIGCONT)
+            with suppress(ProcessLookupError):  # KILLed at its deadline already
+                os.kill(victim, signal.SIGCONT)
         return {"fault": fault, "flows_of_the_slot": sum(1 for p in pid_of.values()
                                                          if p == victim),
                 "gap_median_s": round(statistics.median(hit), 3) if hit else None,
@@ -156,19 +169,3 @@ def _recover(ctx: Context, server: harness.ShardServer, fault: str) -> Row:
     finally:
         for s in socks:
             s.close()
-
-
-def table(rows: Sequence[Row]) -> list[str]:
-    """Markdown lines for the report."""
-    out = ["| config | kpps | µs CPU/dgram | CPU vs --no-steering (range) |", "|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['config']} | error: {str(r['error']).splitlines()[0]} | | |")
-            continue
-        cpu = r.get("cpu_vs_no_steering")
-        rng = r.get("cpu_vs_no_steering_range")
-        rel = f"{100 * float(cpu):+.1f}% ({100 * rng[0]:+.1f}..{100 * rng[1]:+.1f}%)" \
-            if isinstance(cpu, float) and isinstance(rng, list) else "reference"
-        out.append(f"| {r['config']} | {float(r['pps']) / 1e3:.1f} | "  # type: ignore[arg-type]
-                   f"{r['cpu_us_per_dgram']:.2f} | {rel} |")
-    return out

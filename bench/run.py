@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--before",
         type=Path,
-        default=None,
+        action="append",
+        default=[],
         help="features: also run the echo server of this checkout (an earlier commit, its C"
-        " extension built in place) for a before/after ratio",
+        " extension built in place) for a before/after ratio; repeatable",
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument(

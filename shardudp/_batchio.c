@@ -96,6 +96,12 @@ typedef struct {
     Py_buffer rec_view;
     char *rec;
     uint32_t rec_state; /* the listener's number + 1 */
+
+    /* Session keeping (shardudp.gate): sender -> monotonic time last heard,
+     * and what to call when it holds more than flows_cap senders. */
+    PyObject *flows;
+    PyObject *evict;
+    Py_ssize_t flows_cap;
 } Engine;
 
 static PyObject *s_datagramReceived, *s_handler_failed, *s_slow_write, *s_refused,
@@ -649,6 +655,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         }
         e->in_batch = 1;
         long long batch_start = now_ns();
+        /* One time for the whole batch: ~1 ms at most, far below session_idle. */
+        PyObject *heard = e->flows ? PyFloat_FromDouble((double)batch_start / 1e9) : NULL;
         for (int i = 0; i < n; i++) {
             Py_ssize_t len = (Py_ssize_t)e->rmsg[i].msg_len;
             if (len > e->maxsize) {
@@ -666,6 +674,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
                 handler_failed(e); /* out of memory: count it, keep going */
                 continue;
             }
+            if (heard != NULL && PyDict_SetItem(e->flows, argv[1], heard) < 0)
+                PyErr_Clear(); /* out of memory: this sender is simply not tracked */
             e->cur_tuple = argv[1];
             e->cur_addr = &e->rname[i];
             e->cur_len = e->rmsg[i].msg_hdr.msg_namelen;
@@ -702,6 +712,15 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
                 break;
         }
         e->in_batch = 0;
+        if (heard != NULL) {
+            Py_DECREF(heard);
+            if (e->flows != NULL && PyDict_GET_SIZE(e->flows) > e->flows_cap && e->evict) {
+                PyObject *r = PyObject_CallNoArgs(e->evict);
+                if (r == NULL)
+                    PyErr_WriteUnraisable(e->evict);
+                Py_XDECREF(r);
+            }
+        }
         flush(e);
         adapt_batch(e, n, now_ns() - batch_start);
         total += n;
@@ -734,6 +753,30 @@ Engine_set_protocol(Engine *e, PyObject *obj)
 {
     /* Read again at every read(): takes effect from the next batch. */
     Py_SETREF(e->protocol, Py_NewRef(obj));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_set_flows(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set_flows(dict or None, cap, evict)");
+        return NULL;
+    }
+    if (args[0] != Py_None && !PyDict_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "set_flows: a dict or None");
+        return NULL;
+    }
+    Py_ssize_t cap = PyLong_AsSsize_t(args[1]);
+    if (cap == -1 && PyErr_Occurred())
+        return NULL;
+    Py_CLEAR(e->flows);
+    Py_CLEAR(e->evict);
+    if (args[0] != Py_None) {
+        e->flows = Py_NewRef(args[0]);
+        e->evict = Py_NewRef(args[2]);
+        e->flows_cap = cap;
+    }
     Py_RETURN_NONE;
 }
 
@@ -791,6 +834,8 @@ engine_release(Engine *e)
     Py_CLEAR(e->port);
     Py_CLEAR(e->protocol);
     Py_CLEAR(e->stats);
+    Py_CLEAR(e->flows);
+    Py_CLEAR(e->evict);
     if (e->txcache)
         PyDict_Clear(e->txcache);
     if (e->rxcache)
@@ -819,6 +864,8 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->port);
     Py_VISIT(e->protocol);
     Py_VISIT(e->stats);
+    Py_VISIT(e->flows);
+    Py_VISIT(e->evict);
     Py_VISIT(e->txcache);
     for (int k = 0; k < e->squeued; k++)
         Py_VISIT(e->sdata[k]);
@@ -831,6 +878,8 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->port);
     Py_CLEAR(e->protocol);
     Py_CLEAR(e->stats);
+    Py_CLEAR(e->flows);
+    Py_CLEAR(e->evict);
     Py_CLEAR(e->txcache);
     for (int k = 0; k < e->squeued; k++)
         Py_CLEAR(e->sdata[k]);
@@ -943,6 +992,8 @@ static PyMethodDef Engine_methods[] = {
      "set_protocol(obj): deliver to obj.datagramReceived from the next read on"},
     {"set_record", (PyCFunction)(void (*)(void))Engine_set_record, METH_FASTCALL,
      "set_record(buffer or None, listener): keep the in-flight record there"},
+    {"set_flows", (PyCFunction)(void (*)(void))Engine_set_flows, METH_FASTCALL,
+     "set_flows(dict or None, cap, evict): note when each sender was last heard"},
     {NULL, NULL, 0, NULL},
 };
 

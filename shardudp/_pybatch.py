@@ -124,8 +124,11 @@ class Engine:
         "_connected",
         "_cur",
         "_cur_name",
+        "_evict",
         "_family",
         "_fd",
+        "_flows",
+        "_flows_cap",
         "_in_batch",
         "_iov_mv",
         "_iov_pack",
@@ -181,6 +184,9 @@ class Engine:
         self._protocol = protocol
         self._rec: memoryview | None = None
         self._rec_state = 0
+        self._flows: dict[Any, float] | None = None
+        self._flows_cap = 0
+        self._evict: Callable[[], object] | None = None
         self._stats = stats
         self._maxsize = maxsize
         self._max_payload = _MAX_PAYLOAD_V4 if family == socket.AF_INET else 65527
@@ -504,6 +510,20 @@ class Engine:
         """Deliver to ``obj.datagramReceived`` from the next read on."""
         self._protocol = obj
 
+    def set_flows(self, flows: dict[Any, float] | None, cap: int,
+                  evict: Callable[[], object]) -> None:
+        """Note in ``flows`` when each sender was last heard (session keeping)."""
+        self._flows, self._flows_cap, self._evict = flows, cap, evict
+
+    def _heard(self, addrs: list[Any]) -> None:
+        """One update per batch, in C: a statement per datagram would cost more."""
+        flows = self._flows
+        if flows is None:
+            return
+        flows.update(dict.fromkeys(addrs, time.monotonic()))
+        if len(flows) > self._flows_cap and self._evict is not None:
+            self._evict()
+
     def set_record(self, record: Any, listener: int) -> None:
         """Keep the in-flight record (``shardudp.inflight``) in ``record`` (None: don't)."""
         self._rec = None if record is None else memoryview(record).cast("B")
@@ -529,6 +549,7 @@ class Engine:
         finally:
             if rec is not None:
                 _REC_STATE.pack_into(rec, 0, 0)
+        self._heard(addrs)
         return sum(lens)
 
     def _deliver_counting(
@@ -562,6 +583,7 @@ class Engine:
         finally:
             if rec is not None:
                 _REC_STATE.pack_into(rec, 0, 0)
+            self._heard(addrs)
             self._rx_seq = seq
             stats.rx_datagrams += seq - first
             stats.rx_bytes += sum(lens[:seq - first])
@@ -623,6 +645,7 @@ class Engine:
         self._sock.close()
         self._port = self._protocol = self._stats = None
         self._rec = None
+        self._flows = self._evict = None
         self._tx_cache.clear()
         self._rx_cache.clear()
 

@@ -28,8 +28,8 @@ class Gate:
     ``Cover`` messages and installs it with ``port.set_gate``.
     """
 
-    __slots__ = ("_cap", "_deliver", "_lent", "_lent_cache", "_seed", "_stats", "flows", "now",
-                 "refused")
+    __slots__ = ("_cap", "_deliver", "_lent", "_lent_cache", "_seed", "_stats", "flows",
+                 "native", "now", "refused")
 
     def __init__(self, protocol: Any, stats: ListenerStats | None) -> None:
         self._deliver: Callable[[bytes, Any], object] = protocol.datagramReceived
@@ -42,12 +42,21 @@ class Gate:
         #: Session keeping: sender -> when it was last heard from (``now`` then).
         self.flows: dict[Any, float] | None = None
         self._cap = 0
+        #: The port's engine notes senders itself (the batch data paths): the
+        #: gate need not stand in the way for that.
+        self.native = False
         #: A coarse clock the worker advances (one read of it per datagram).
         self.now = 0.0
 
     @property
     def active(self) -> bool:
-        return bool(self.refused) or self._lent is not None or self.flows is not None
+        """Whether datagrams must go through the gate (else straight to the protocol)."""
+        return (bool(self.refused) or self._lent is not None
+                or (self.flows is not None and not self.native))
+
+    @property
+    def cap(self) -> int:
+        return self._cap
 
     def track(self, cap: int) -> None:
         """Keep when each sender was last heard from, for at most ``cap`` senders."""
@@ -85,11 +94,15 @@ class Gate:
             if lent:
                 self._stats.steered += 1
         flows = self.flows
-        if flows is not None:
+        if flows is not None and not self.native:
             flows[addr] = self.now
             if len(flows) > self._cap:
                 self._evict()
         self._deliver(data, addr)
+
+    def evict(self) -> None:
+        """Called by an engine that notes senders itself, when it holds too many."""
+        self._evict()
 
     def _evict(self) -> None:
         """Make room: the least recently heard eighth of the senders goes (counted).

@@ -192,6 +192,11 @@ class ShardPort(ListenerMembership):
         the protocol again with None. The gate costs nothing while absent."""
         self._target = self.protocol if gate is None else gate
 
+    def track_flows(self, gate: Any) -> None:
+        """Session keeping: note when each sender was last heard, in ``gate.flows``.
+        Here the gate does it, per datagram; the batch data paths do it themselves."""
+        gate.native = False
+
     def set_record(self, record: Any, listener: int) -> None:
         """Keep the sender of each datagram being handled in ``record``, an in-flight
         record shared with the master (``shardudp.inflight``); None stops it."""
@@ -628,6 +633,10 @@ class _BatchShardPort(ShardPort):
     def set_record(self, record: Any, listener: int) -> None:
         super().set_record(record, listener)
         self._engine.set_record(record, listener)
+
+    def track_flows(self, gate: Any) -> None:
+        self._engine.set_flows(gate.flows, gate.cap, gate.evict)
+        gate.native = True
 
     def _slow_write(self, datagram: bytes, addr: Any) -> bool:
         """First write to a destination (or any odd case): stock checks, sent now.

@@ -271,8 +271,9 @@ class Worker:
             if ss.listener.sessions:
                 gate.track(ss.listener.session_table)
                 gate.now = time.monotonic()
+                port.track_flows(gate)
                 self.sessions[name] = SessionWatch(name, gate, ss.listener.session_idle)
-                port.set_gate(gate)
+                port.set_gate(gate if gate.active else None)
             # Before the port reads anything: a quarantined source's datagram
             # may be the first one queued.
             for msg in self.spec.initial:

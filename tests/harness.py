@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -225,6 +227,28 @@ def serving(app: str, workers: int = 2, extra: Sequence[str] = (),
         finally:
             srv.stop()
     raise AssertionError("could not find a free port")
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """(status, body) of GET ``path`` on a local HTTP port (errors included)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` on ``/metrics`` whose labels include ``labels``."""
+    status, body = http_get(port, "/metrics")
+    assert status == 200, body
+    total = 0.0
+    for line in body.splitlines():
+        if (line.startswith((name + "{", name + " "))
+                and all(f'{k}="{v}"' in line for k, v in labels.items())):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class Flows:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from harness import Flows
+
 
 @dataclass
 class Result:
@@ -39,31 +41,16 @@ class Result:
         return [f for f, pids in self.pids.items() if len(pids) > 1]
 
 
-class Stream:
+class Stream(Flows):
     """``n`` client sockets on loopback sending to ``port`` (IPv4 or IPv6)."""
 
     def __init__(self, port: int, n: int = 40, family: socket.AddressFamily = socket.AF_INET
                  ) -> None:
-        self.host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-        self.port = port
-        self.socks: list[socket.socket] = []
-        for _ in range(n):
-            s = socket.socket(family, socket.SOCK_DGRAM)
-            s.bind((self.host, 0))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            s.setblocking(False)
-            self.socks.append(s)
+        super().__init__(n, port, family)
         self.index = {s.fileno(): i for i, s in enumerate(self.socks)}
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
 
     def __enter__(self) -> Stream:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def source(self, flow: int) -> tuple[str, int]:
         return self.socks[flow].getsockname()[:2]

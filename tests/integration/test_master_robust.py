@@ -20,8 +20,6 @@ import subprocess
 import sys
 import termios
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +33,8 @@ from harness import (
     child_env,
     ctl,
     free_port,
+    http_get,
+    metric_sum,
     run_cli,
     serving,
     session_pids,
@@ -64,16 +64,6 @@ def status_at(path: str) -> dict[str, Any]:
 
 def pids_of(st: dict[str, Any]) -> dict[int, int]:
     return {sl["slot"]: sl["pid"] for sl in st["slots"] if sl["pid"]}
-
-
-def scrape(mport: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def value(body: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 @contextlib.contextmanager
@@ -122,8 +112,8 @@ def test_a_log_output_nobody_reads_never_wedges_the_master(tmp_path: Path) -> No
             status_at(sock)
             answered = time.monotonic() - t0
             # The master's own bounded buffer fills next; then it drops, and counts.
-            dropped = until("dropped log records", lambda: value(
-                scrape(mport), "shardudp_log_records_dropped_total"), 15)
+            dropped = until("dropped log records", lambda: metric_sum(
+                mport, "shardudp_log_records_dropped_total"), 15)
             print(f"FIFO nobody reads: replaced in {replaced:.3f}s, status in {answered:.3f}s, "
                   f"{dropped:.0f} log records dropped")
             assert replaced < 1.0 and answered < 1.0 and dropped > 0
@@ -212,8 +202,7 @@ def test_a_crowd_on_the_metrics_port_takes_no_more_than_its_bound() -> None:
             mark = srv.mark()
             os.kill(victim, signal.SIGKILL)
             srv.wait_line(rf"worker slot={slot} pid=\d+ ready", start=mark)
-            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=5) as r:
-                assert r.status == 200
+            assert http_get(mport, "/healthz")[0] == 200
             del port
 
 
@@ -276,7 +265,7 @@ def test_a_leaking_worker_is_replaced_successor_first_with_nothing_lost() -> Non
         res.report("a leaking handler under max_worker_memory 120M")
         srv.wait_line(r"over max_worker_memory \(120 MiB\); replacing it \(its successor "
                       r"first\)", start=mark)
-        assert value(scrape(mport), 'shardudp_worker_restarts_total{reason="memory"') >= 1
+        assert metric_sum(mport, "shardudp_worker_restarts_total", reason="memory") >= 1
         assert res.lost == 0
 
 

@@ -16,13 +16,11 @@ import re
 import resource
 import signal
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Server, ctl, free_port, serving
+from harness import Server, ctl, free_port, http_get, metric_sum, serving
 from steady import Stream
 
 from shardudp.steering import Steering, Table, flow_hash
@@ -39,15 +37,6 @@ def status(srv: Server) -> dict[str, Any]:
 
 def slot_of_pid(st: dict[str, Any]) -> dict[int, int]:
     return {sl["pid"]: sl["slot"] for sl in st["slots"] if sl["pid"]}
-
-
-def healthz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.read().decode()
 
 
 def healthy_flows_kept_their_worker(res: Any, faulty_pids: set[int]) -> list[int]:
@@ -137,21 +126,13 @@ def test_an_app_that_closes_its_port_is_replaced_and_its_flows_are_served() -> N
         srv.wait_line(rf"worker slot={m.group(1)} pid=\d+ ready", start=mark)
         assert res.lost / res.sent <= MAX_LOSS
         assert not healthy_flows_kept_their_worker(res, {hit})
-        restarts = _metric(srv, 'shardudp_worker_restarts_total{reason="closed"')
+        restarts = _metric(srv, "shardudp_worker_restarts_total", reason="closed")
         assert restarts == 1.0
         del before
 
 
-def _metric(srv: Server, prefix: str) -> float:
-    port = status(srv)["metrics_port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        body = r.read().decode()
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(prefix.split("{")[0]) and all(
-                part in line for part in prefix.split("{", 1)[1:]):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _metric(srv: Server, name: str, **labels: str) -> float:
+    return metric_sum(status(srv)["metrics_port"], name, **labels)
 
 
 def test_a_stopped_worker_is_killed_at_its_deadline_and_its_flows_served() -> None:
@@ -167,7 +148,7 @@ def test_a_stopped_worker_is_killed_at_its_deadline_and_its_flows_served() -> No
             os.kill(victim, signal.SIGSTOP)
 
         def look() -> None:
-            seen["health"] = healthz(mport)
+            seen["health"] = http_get(mport, "/healthz")
             seen["status"] = status(srv)
 
         mark = srv.mark()

@@ -12,14 +12,13 @@ import json
 import select
 import socket
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Server, ctl, free_port, serving
+from harness import Server, ctl, free_port, metric_sum, serving
 
 PER_FLOW_INTERVAL = 0.1  # each flow sends ten datagrams a second
 
@@ -38,15 +37,17 @@ class Flow:
 class Clients:
     """Flows that each send every PER_FLOW_INTERVAL while active, and check their seq."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, family: socket.AddressFamily = socket.AF_INET) -> None:
         self.port = port
+        self.family = family
+        self.host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
         self.flows: list[Flow] = []
 
     def add(self, n: int) -> list[int]:
         first = len(self.flows)
         for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("127.0.0.1", 0))
+            s = socket.socket(self.family, socket.SOCK_DGRAM)
+            s.bind((self.host, 0))
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             s.setblocking(False)
             self.flows.append(Flow(s))
@@ -69,7 +70,7 @@ class Clients:
             for i in active:
                 f = self.flows[i]
                 f.sent += 1
-                f.sock.sendto(b"%d" % f.sent, ("127.0.0.1", self.port))
+                f.sock.sendto(b"%d" % f.sent, (self.host, self.port))
             self.receive(start + (r + 1) * PER_FLOW_INTERVAL)
         self.receive(time.monotonic() + 2.0, until_done=True)
 
@@ -108,16 +109,6 @@ def status(srv: Server) -> dict[str, Any]:
     return json.loads(ctl(srv, "status", "--json").stdout)  # type: ignore[no-any-return]
 
 
-def metric(mport: int, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
-        body = r.read().decode()
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 @pytest.fixture
 def version_file(tmp_path: Path) -> Path:
     path = tmp_path / "version"
@@ -133,34 +124,65 @@ def test_a_reload_keeps_every_active_session_and_new_flows_get_the_new_code(
                  env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
         clients = Clients(port)
         try:
-            old = clients.add(200)
-            old_pids = {sl["pid"] for sl in status(srv)["slots"]}
-            mark = srv.mark()
-
-            def reload() -> None:
-                version_file.write_text("v2")
-                assert ctl(srv, "reload").returncode == 0
-
-            # 200 flows at 2000 datagrams a second; the reload at 1 s.
-            clients.run(old, 4.0, events={1.0: reload})
-            srv.wait_line(r"reload complete", start=mark)
-            new = clients.add(20)
-            clients.run([*old, *new], 1.0)
-            lost, restarts = clients.lost(), clients.restarts()
-            print(f"reload with 200 active flows: sent {sum(f.sent for f in clients.flows)}, "
-                  f"lost {lost}, sessions restarted {restarts}")
-            assert restarts == 0 and lost == 0
-            assert all(set(clients.flows[i].versions) == {"v1"} for i in old)
-            assert all(set(clients.flows[i].versions) == {"v2"} for i in new)
-            # The old flows go quiet: their old workers drain, then exit.
-            clients.run(new, 2.5)
-            for pid in old_pids:
-                srv.wait_line(rf"worker slot=\d+ pid={pid} drained its sessions", start=mark)
-            assert not old_pids & {sl["pid"] for sl in status(srv)["slots"]}
-            assert metric(mport, "shardudp_sessions_drained_total") == 200
-            assert metric(mport, "shardudp_sessions_cut_total") == 0
+            _reload_keeps_sessions(srv, clients, version_file, 200, mport)
         finally:
             clients.close()
+
+
+#: Every data path tracks flows its own way (the C engine and the Python batch
+#: engine per batch, the loops through the port's gate): each keeps sessions.
+@pytest.mark.parametrize(("datapath", "family"), [
+    ("c", socket.AF_INET6), ("python", socket.AF_INET), ("python-loop", socket.AF_INET6),
+    ("twisted", socket.AF_INET)])
+def test_every_data_path_keeps_sessions_across_a_reload(
+        version_file: Path, datapath: str, family: socket.AddressFamily) -> None:
+    if datapath == "c":
+        from shardudp import datapaths
+
+        if "c" in datapaths.missing():
+            pytest.skip(f"the C data path is not built here: {datapaths.missing()['c']}")
+    mport = free_port()
+    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", f"127.0.0.1:{mport}",
+             "--datapath", datapath]
+    with serving("apps:Sessions", workers=2, extra=extra, family=family,
+                 env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
+        clients = Clients(port, family)
+        try:
+            _reload_keeps_sessions(srv, clients, version_file, 40, mport, seconds=2.0)
+        finally:
+            clients.close()
+
+
+def _reload_keeps_sessions(srv: Server, clients: Clients, version_file: Path, n: int,
+                           mport: int, seconds: float = 4.0) -> None:
+    """n active flows through a reload: none restarts, none is lost, new flows get the
+    new code, and the old workers drain, then exit."""
+    old = clients.add(n)
+    old_pids = {sl["pid"] for sl in status(srv)["slots"]}
+    mark = srv.mark()
+
+    def reload() -> None:
+        version_file.write_text("v2")
+        assert ctl(srv, "reload").returncode == 0
+
+    # n flows at 10 n datagrams a second; the reload a quarter in.
+    clients.run(old, seconds, events={seconds / 4: reload})
+    srv.wait_line(r"reload complete", start=mark)
+    new = clients.add(20)
+    clients.run([*old, *new], seconds / 4)
+    lost, restarts = clients.lost(), clients.restarts()
+    print(f"reload with {n} active flows: sent {sum(f.sent for f in clients.flows)}, "
+          f"lost {lost}, sessions restarted {restarts}")
+    assert restarts == 0 and lost == 0
+    assert all(set(clients.flows[i].versions) == {"v1"} for i in old)
+    assert all(set(clients.flows[i].versions) == {"v2"} for i in new)
+    # The old flows go quiet: their old workers drain, then exit.
+    clients.run(new, 2.0)
+    for pid in old_pids:
+        srv.wait_line(rf"worker slot=\d+ pid={pid} drained its sessions", start=mark)
+    assert not old_pids & {sl["pid"] for sl in status(srv)["slots"]}
+    assert metric_sum(mport, "shardudp_sessions_drained_total") == n
+    assert metric_sum(mport, "shardudp_sessions_cut_total") == 0
 
 
 def _slots(srv: Server, clients: Clients, flows: list[int]) -> dict[int, int]:
@@ -183,7 +205,7 @@ def _settled(srv: Server, clients: Clients, flows: list[int], n: int,
     while time.monotonic() < deadline:
         st = status(srv)
         done = len(st["slots"]) == n and all(sl["state"] == "ready" for sl in st["slots"])
-        if done and metric(mport, "shardudp_sessions_draining") == 0:
+        if done and metric_sum(mport, "shardudp_sessions_draining") == 0:
             return _slots(srv, clients, flows)
         clients.receive(time.monotonic() + 0.2)
     raise AssertionError("the held sessions never ended")
@@ -211,7 +233,7 @@ def test_scaling_keeps_active_sessions_and_moves_few_flows(version_file: Path) -
                 assert restarts == 0 and lost == 0
                 assert 0 < moved <= 1.5 / 3
                 before = after
-            assert metric(mport, "shardudp_flows_moved_total") > 0
+            assert metric_sum(mport, "shardudp_flows_moved_total") > 0
         finally:
             clients.close()
 
@@ -236,6 +258,6 @@ def test_a_session_busy_past_the_drain_deadline_is_cut_and_counted(version_file:
             f = clients.flows[busy[0]]
             print(f"busy flow: restarts {f.restarts}, versions {sorted(set(f.versions))}")
             assert f.restarts == 1 and f.versions[-1] == "v2" and clients.lost() == 0
-            assert metric(mport, "shardudp_sessions_cut_total", reason="deadline") == 1
+            assert metric_sum(mport, "shardudp_sessions_cut_total", reason="deadline") == 1
         finally:
             clients.close()
