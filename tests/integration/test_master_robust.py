@@ -304,3 +304,33 @@ def test_as_root_files_planted_by_the_worker_user_never_run_or_get_written(
     assert res.returncode != 0 and "is a symbolic link: refusing to follow it" in res.stderr, \
         res.stderr
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("datapath", ["c", "python", "python-loop"])
+def test_truncated_datagrams_are_counted_and_said_once_with_the_size_that_fits(
+        datapath: str) -> None:
+    from shardudp import datapaths
+
+    if datapath in datapaths.missing():
+        pytest.skip(f"{datapath} cannot run here: {datapaths.missing()[datapath]}")
+    mport = free_port()
+    extra = ["--max-packet-size", "100", "--metrics", f"127.0.0.1:{mport}",
+             "--metrics-interval", "0.2", "--datapath", datapath]
+    with serving("apps:WhoAmI", workers=1, extra=extra) as (srv, port), \
+            Stream(port, n=1) as stream:
+        for size in (50, 300, 200):
+            stream.send_to(0, b"x" * size)
+        until("two truncated datagrams", lambda: metric_sum(
+            mport, "shardudp_datagrams_truncated_total") == 2, 10)
+        line = srv.wait_line(r"listener (\S+): datagrams longer than max_packet_size \(100 "
+                             r"bytes\) were cut; (.*)")[0]
+        # The batch paths know each datagram's real length; recvfrom cannot tell.
+        if datapath == "python-loop":
+            assert "cannot tell by how much" in line.group(2)
+        else:
+            assert line.group(2) == ("the longest was 300 bytes: set max_packet_size to at "
+                                     "least 300")
+        stream.send_to(0, b"y" * 400)
+        until("the fourth", lambda: metric_sum(mport, "shardudp_datagrams_truncated_total")
+              == 3, 10)
+        assert srv.log.count("were cut;") == 1  # once per listener
