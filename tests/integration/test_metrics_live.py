@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from harness import Flows, McastSenders, Server, ctl, free_port, serving
+from harness import Flows, McastSenders, Server, ctl, free_port, http_get, serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardudp.sockets import shard_of
@@ -245,19 +245,10 @@ def test_handler_errors_are_counted_and_the_worker_keeps_serving() -> None:
         assert by_slot(final, "shardudp_handler_errors_total", error="other") == {"0": 0.0}
 
 
-def health(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
 def wait_health(port: int, status: int, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        got, body = health(port)
+        got, body = http_get(port, "/healthz")
         if got == status or time.monotonic() > deadline:
             assert got == status, body
             return body
