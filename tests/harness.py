@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -64,6 +65,9 @@ def wait_pid_gone(pid: int, timeout: float) -> bool:
         return bool(r)
     finally:
         os.close(fd)
+
+
+T = TypeVar("T")
 
 
 class Server:
@@ -205,28 +209,48 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
 
 
 @contextlib.contextmanager
+def started(launch: Callable[[], tuple[Server, T]], ready: str = r"all \d+ workers ready",
+            tries: int = 5, timeout: float = 15.0) -> Iterator[tuple[Server, T]]:
+    """Run ``launch`` (which picks its own free ports and returns the server and
+    whatever it picked) until the server logs ``ready``; a port taken in between
+    is retried, any other failure is raised. The server is stopped on the way out."""
+    for attempt in range(tries):
+        srv, picked = launch()
+        try:
+            try:
+                srv.wait_line(ready, timeout=timeout)
+            except AssertionError:
+                if "already in use" in srv.log and attempt < tries - 1:
+                    continue
+                raise
+            yield srv, picked
+            return
+        finally:
+            srv.stop()
+    raise AssertionError("could not find a free port")
+
+
+@contextlib.contextmanager
 def serving(app: str, workers: int = 2, extra: Sequence[str] = (),
             family: socket.AddressFamily = socket.AF_INET, ready: bool = True,
             env: dict[str, str] | None = None, tries: int = 5) -> Iterator[tuple[Server, int]]:
     """Start ``app`` on a free loopback port, retrying if the port was taken."""
     host = "[::1]" if family == socket.AF_INET6 else "127.0.0.1"
-    for attempt in range(tries):
+
+    def launch() -> tuple[Server, int]:
         port = free_port(family)
-        srv = Server(["run", app, "--bind", f"{host}:{port}", "--workers", str(workers),
-                      *extra], env=env)
+        return Server(["run", app, "--bind", f"{host}:{port}", "--workers", str(workers),
+                       *extra], env=env), port
+
+    if not ready:
+        srv, port = launch()
         try:
-            if ready:
-                try:
-                    srv.wait_line(r"all \d+ workers ready", timeout=20)
-                except AssertionError:
-                    if "already in use" in srv.log and attempt < tries - 1:
-                        continue
-                    raise
             yield srv, port
-            return
         finally:
             srv.stop()
-    raise AssertionError("could not find a free port")
+        return
+    with started(launch, tries=tries, timeout=20) as running:
+        yield running
 
 
 def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:

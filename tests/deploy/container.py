@@ -18,20 +18,24 @@ The network is the host's (tests bind 127.0.0.1 only). Nothing is changed
 outside the namespaces: the mounts go away with the last process.
 
 Run as ``python container.py SPEC.json`` under ``unshare --mount --pid --fork``;
-the test side uses ``start`` and ``exec_in``.
+the test side uses ``running`` (or ``start`` and ``exec_in``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +204,69 @@ def exec_in(pid1: int, image: Image, service: Service | None, argv: Sequence[str
          "env", "-i", *env, *argv],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=timeout, check=False, env={"PATH": DEFAULT_PATH})
+
+
+def wait_until(check: Callable[[], bool], alive: Callable[[], bool], timeout: float,
+               what: str) -> None:
+    """Poll ``check`` (bounded in count and time) while ``alive``."""
+    deadline = time.monotonic() + timeout
+    for _ in range(500):
+        if check():
+            return
+        if not alive() or time.monotonic() > deadline:
+            break
+        select.select([], [], [], 0.1)
+    raise AssertionError(f"{what}: " + (f"not within {timeout} s" if alive() else "exited"))
+
+
+@dataclass
+class Running:
+    """A started container whose PID 1 is up and whose probe has passed."""
+
+    proc: subprocess.Popen[bytes]
+    pid1: int
+    image: Image
+    service: Service | None
+    log: Path
+
+    def exec(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        return exec_in(self.pid1, self.image, self.service, argv)
+
+
+@contextlib.contextmanager
+def running(image: Image, service: Service | None, work: Path, files: dict[str, str],
+            probe: Sequence[str], what: str) -> Iterator[Running]:
+    """``start`` the container (the build stages linked to this test's venv), wait
+    for its PID 1 and then for ``probe`` to pass inside it (``what`` names both in
+    a failure, with the log); on the way out, kill whatever of it is left."""
+    from harness import STARTED_SESSIONS, session_pids
+
+    log = work / f"{what}.log"
+    proc = start(image, service, work, files, dict.fromkeys(image.from_stages, sys.prefix), log)
+    STARTED_SESSIONS.add(proc.pid)
+    try:
+        def alive() -> bool:
+            return proc.poll() is None
+
+        pid1 = 0
+
+        def started() -> bool:
+            nonlocal pid1
+            pid1 = init_pid(proc.pid) or 0
+            return pid1 != 0
+
+        try:
+            wait_until(started, alive, 10.0, f"PID 1 of the {what}")
+            wait_until(lambda: exec_in(pid1, image, service, probe).returncode == 0, alive,
+                       30.0, f"{what}'s probe {shlex.join(probe)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{log.read_text()}") from None
+        yield Running(proc, pid1, image, service, log)
+    finally:
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 # -- inside the namespaces, as root --------------------------------------------

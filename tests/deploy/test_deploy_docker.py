@@ -15,11 +15,8 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,7 @@ import container
 import pytest
 import yaml
 from deploytools import ANSIBLE, DOCKER, REPO, ROLE, run, tool
-from harness import STARTED_SESSIONS, free_port, session_pids
+from harness import free_port, session_pids
 
 from shardudp.cli import usable_cpus
 
@@ -293,17 +290,15 @@ def relocate(text: str, ports: dict[int, int]) -> str:
     return ADDRESS.sub(sub, text)
 
 
-def wait_until(check: Callable[[], bool], alive: Callable[[], bool], timeout: float,
-               what: str) -> None:
-    """Poll ``check`` (bounded in count and time) while ``alive``."""
-    deadline = time.monotonic() + timeout
-    for _ in range(500):
-        if check():
-            return
-        if not alive() or time.monotonic() > deadline:
-            break
-        select.select([], [], [], 0.1)
-    raise AssertionError(f"{what}: " + (f"not within {timeout} s" if alive() else "exited"))
+def assert_every_bind_echoes(config: dict[str, Any], ports: dict[int, int]) -> None:
+    """Each unicast listener of ``config``, at its relocated port, echoes a ping."""
+    for lst in config["listener"]:
+        if "bind" in lst:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                addr = ("127.0.0.1", ports[port_of(lst["bind"])])
+                s.sendto(b"ping", addr)
+                assert select.select([s], [], [], 10.0)[0], f"no echo from {addr}"
+                assert s.recvfrom(64) == (b"ping", addr)
 
 
 @pytest.mark.skipif(namespaces_missing() is not None, reason=str(namespaces_missing()))
@@ -334,55 +329,22 @@ def test_container_serves_and_stops_as_docker_would_run_it(name: str, tmp_path: 
     probe = (service and service.healthcheck) or image.healthcheck
     probe = [relocate(f'"{a}"', ports)[1:-1] for a in probe]
 
-    log = tmp_path / "container.log"
-    proc = container.start(image, service, tmp_path, files,
-                           dict.fromkeys(image.from_stages, sys.prefix), log)
-    STARTED_SESSIONS.add(proc.pid)
-    try:
-        pid1: list[int] = []
-
-        def started() -> bool:
-            pid = container.init_pid(proc.pid)
-            pid1[:] = [pid] if pid else []
-            return bool(pid1)
-
-        def alive() -> bool:
-            return proc.poll() is None
-
-        def exec_in(argv: list[str]) -> subprocess.CompletedProcess[str]:
-            return container.exec_in(pid1[0], image, service, argv)
-
-        try:
-            wait_until(started, alive, 10.0, "PID 1 of the container")
-            wait_until(lambda: exec_in(probe).returncode == 0, alive, 30.0, "health check")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log:\n{log.read_text()}") from None
-
+    with container.running(image, service, tmp_path, files, probe, "container") as box:
         # docker exec finds the control socket through the image's environment.
-        status = exec_in(["shardudp", "status", "--json"])
+        status = box.exec(["shardudp", "status", "--json"])
         assert status.returncode == 0, status.stdout
         reply = json.loads(status.stdout)
         workers = container.container_env(image, service).get("SHARDUDP_WORKERS",
                                                               config["workers"])
         assert reply["healthy"] is True
         assert reply["workers"] == (usable_cpus() if workers == "auto" else int(workers))
-        comm = Path(f"/proc/{pid1[0]}/comm").read_text().strip()
+        comm = Path(f"/proc/{box.pid1}/comm").read_text().strip()
         assert comm == Path(image.entrypoint[0]).name  # tini is PID 1
-        assert os.stat(f"/proc/{pid1[0]}").st_uid == image.user[0]
+        assert os.stat(f"/proc/{box.pid1}").st_uid == image.user[0]
 
-        for lst in config["listener"]:
-            if "bind" in lst:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    addr = ("127.0.0.1", ports[port_of(lst["bind"])])
-                    s.sendto(b"ping", addr)
-                    assert select.select([s], [], [], 10.0)[0], f"no echo from {addr}"
-                    assert s.recvfrom(64) == (b"ping", addr)
+        assert_every_bind_echoes(config, ports)
 
-        os.kill(pid1[0], signal.SIGTERM)  # docker stop
-        assert proc.wait(timeout=30) == 0, log.read_text()
-        assert session_pids(proc.pid) == []
-        assert "Traceback" not in log.read_text(), log.read_text()
-    finally:
-        for pid in session_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        os.kill(box.pid1, signal.SIGTERM)  # docker stop
+        assert box.proc.wait(timeout=30) == 0, box.log.read_text()
+        assert session_pids(box.proc.pid) == []
+        assert "Traceback" not in box.log.read_text(), box.log.read_text()

@@ -16,11 +16,8 @@ import json
 import math
 import os
 import re
-import select
 import shutil
 import signal
-import socket
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -32,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploytools import DEPLOY, DOCKER, run
-from harness import STARTED_SESSIONS, child_env, run_cli, session_pids
+from harness import child_env, run_cli, session_pids
 
 from shardudp.cli import usable_cpus
 
@@ -570,54 +567,21 @@ def test_pod_serves_and_stops_as_the_kubelet_would_run_it(
     ports = dt.relocation(config)
     image, service = pod_as_container(workload, kinds["ConfigMap"], ports, tmp_path)
 
-    log = tmp_path / "pod.log"
-    proc = container.start(image, service, tmp_path, {}, dict.fromkeys(image.from_stages,
-                                                                       sys.prefix), log)
-    STARTED_SESSIONS.add(proc.pid)
-    try:
-        pid1: list[int] = []
-
-        def started() -> bool:
-            pid = container.init_pid(proc.pid)
-            pid1[:] = [pid] if pid else []
-            return bool(pid1)
-
-        def alive() -> bool:
-            return proc.poll() is None
-
-        def probe() -> bool:
-            assert service.healthcheck is not None
-            return container.exec_in(pid1[0], image, service, service.healthcheck).returncode == 0
-
-        try:
-            dt.wait_until(started, alive, 10.0, "PID 1 of the pod")
-            dt.wait_until(probe, alive, 30.0, "readiness probe")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log:\n{log.read_text()}") from None
-
-        status = container.exec_in(pid1[0], image, service, ["shardudp", "status", "--json"])
+    assert service.healthcheck is not None
+    with container.running(image, service, tmp_path, {}, service.healthcheck, "pod") as box:
+        status = box.exec(["shardudp", "status", "--json"])
         assert status.returncode == 0, status.stdout
         workers = json.loads(status.stdout)["workers"]
         c = container_of(workload)
         assert workers == (math.ceil(cpus(c["resources"]["limits"]["cpu"]))
                            if overlay == "service" else usable_cpus())
-        for lst in config["listener"]:
-            if "bind" in lst:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    addr = ("127.0.0.1", ports[int(lst["bind"].rsplit(":", 1)[1])])
-                    s.sendto(b"ping", addr)
-                    assert select.select([s], [], [], 10.0)[0], f"no echo from {addr}"
-                    assert s.recvfrom(64) == (b"ping", addr)
+        dt.assert_every_bind_echoes(config, ports)
 
         # The kubelet's SIGTERM goes to PID 1 (tini), after any preStop hook.
         started_at = time.monotonic()
-        os.kill(pid1[0], signal.SIGTERM)
+        os.kill(box.pid1, signal.SIGTERM)
         grace = pod_spec(workload)["terminationGracePeriodSeconds"]
-        assert proc.wait(timeout=grace) == 0, log.read_text()
+        assert box.proc.wait(timeout=grace) == 0, box.log.read_text()
         assert time.monotonic() - started_at < grace / 2
-        assert session_pids(proc.pid) == []
-        assert "Traceback" not in log.read_text(), log.read_text()
-    finally:
-        for pid in session_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        assert session_pids(box.proc.pid) == []
+        assert "Traceback" not in box.log.read_text(), box.log.read_text()

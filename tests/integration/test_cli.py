@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Flows, Server, child_env, free_port, run_cli, serving
+from harness import ROOT, Flows, Server, child_env, free_port, run_cli, serving, started
 
 
 def shardudp(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
@@ -254,54 +254,46 @@ def test_a_server_from_file_and_flags_serves_and_answers_ctl_and_health(tmp_path
     cfg = tmp_path / "shardudp.toml"
     cfg.write_text(f'control = "{control}"\nworkers = 1\n'
                    '[[listener]]\napp = "apps:Upper"\nbind = "127.0.0.1:9"\n')
-    for _ in range(5):
+
+    def launch() -> tuple[Server, int]:
         port = free_port()
-        srv = Server(["run", "--config", str(cfg), "--app", "echo",
-                      "--bind", f"127.0.0.1:{port}", "--rcvbuf", "2147483647",
-                      "--sndbuf", "2147483647", "--metrics", "0"],
-                     env={"SHARDUDP_CONTROL": str(control)})
-        try:
-            try:
-                srv.wait_line("all 1 workers ready")
-            except AssertionError:
-                if "already in use" in srv.log:
-                    continue
-                raise
-            srv.wait_line(r"asked SO_RCVBUF 2147483647, the kernel gave \d+")
-            with Flows(1, port) as flows:
-                flows.send(0, b"echo, not upper")
-                assert [d for _, d in flows.collect(1, 5)] == [b"echo, not upper"]
+        return Server(["run", "--config", str(cfg), "--app", "echo",
+                       "--bind", f"127.0.0.1:{port}", "--rcvbuf", "2147483647",
+                       "--sndbuf", "2147483647", "--metrics", "0"],
+                      env={"SHARDUDP_CONTROL": str(control)}), port
 
-            res = shardudp("status", "--config", str(cfg), "--json",
-                           env={"SHARDUDP_CONTROL": None})
+    with started(launch, ready="all 1 workers ready") as (srv, port):
+        srv.wait_line(r"asked SO_RCVBUF 2147483647, the kernel gave \d+")
+        with Flows(1, port) as flows:
+            flows.send(0, b"echo, not upper")
+            assert [d for _, d in flows.collect(1, 5)] == [b"echo, not upper"]
+
+        res = shardudp("status", "--config", str(cfg), "--json",
+                       env={"SHARDUDP_CONTROL": None})
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["workers"] == 1
+
+        (m,) = srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+        with socket.socket() as proxy:
+            # A proxy that would swallow the probe: it must never be asked.
+            proxy.bind(("127.0.0.1", 0))
+            proxy.listen(1)
+            proxy.setblocking(False)
+            proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+            res = shardudp("health", "--metrics", m.group(1), "--http-timeout", "5",
+                           env={"http_proxy": proxy_url, "HTTP_PROXY": proxy_url,
+                                "no_proxy": "", "NO_PROXY": ""})
             assert res.returncode == 0, res.stderr
-            assert json.loads(res.stdout)["workers"] == 1
-
-            (m,) = srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
-            with socket.socket() as proxy:
-                # A proxy that would swallow the probe: it must never be asked.
-                proxy.bind(("127.0.0.1", 0))
-                proxy.listen(1)
-                proxy.setblocking(False)
-                proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
-                res = shardudp("health", "--metrics", m.group(1), "--http-timeout", "5",
-                               env={"http_proxy": proxy_url, "HTTP_PROXY": proxy_url,
-                                    "no_proxy": "", "NO_PROXY": ""})
-                assert res.returncode == 0, res.stderr
-                assert res.stdout.startswith("healthy"), res.stdout
-                with pytest.raises(BlockingIOError):
-                    proxy.accept()
-            # The address is found as the server's own setting is: here from the env.
-            res = shardudp("health", env={"SHARDUDP_METRICS": m.group(1)})
-            assert res.returncode == 0 and res.stdout.startswith("healthy"), res.stderr
-            # The server's --metrics 0 is no address to probe: say so, do not guess.
-            assert errors(shardudp("health", env={"SHARDUDP_METRICS": "0"})) == [
-                'SHARDUDP_METRICS: port 0: the server picked a free port and logged it '
-                '("metrics on ..."); give that one with --metrics']
-            return
-        finally:
-            srv.stop()
-    pytest.fail("no free port")
+            assert res.stdout.startswith("healthy"), res.stdout
+            with pytest.raises(BlockingIOError):
+                proxy.accept()
+        # The address is found as the server's own setting is: here from the env.
+        res = shardudp("health", env={"SHARDUDP_METRICS": m.group(1)})
+        assert res.returncode == 0 and res.stdout.startswith("healthy"), res.stderr
+        # The server's --metrics 0 is no address to probe: say so, do not guess.
+        assert errors(shardudp("health", env={"SHARDUDP_METRICS": "0"})) == [
+            'SHARDUDP_METRICS: port 0: the server picked a free port and logged it '
+            '("metrics on ..."); give that one with --metrics']
 
 
 def test_bare_shardudp_prints_the_usage_and_the_commands() -> None:
@@ -611,26 +603,18 @@ def test_the_ready_made_apps_install_inside_shardudp_and_run_by_name_from_anywhe
     assert (installed / "shardudp" / "workers" / "echo.py").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for _ in range(5):
+
+    def launch() -> tuple[Server, int]:
         port = free_port()
-        srv = Server(["run", "echo", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                     env=_installed_env(installed), cwd=elsewhere)
-        try:
-            try:
-                srv.wait_line("all 1 workers ready")
-            except AssertionError:
-                if "already in use" in srv.log:
-                    continue
-                raise
-            assert f"udp-127.0.0.1:{port}=shardudp.workers.echo:Echo " in srv.log
-            assert f"from {installed}/shardudp/" in _which_shardudp(installed, elsewhere)
-            with Flows(1, port) as flows:
-                flows.send(0, b"hi")
-                assert [d for _, d in flows.collect(1, 5)] == [b"hi"]
-            return
-        finally:
-            srv.stop()
-    pytest.fail("no free port")
+        return Server(["run", "echo", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                      env=_installed_env(installed), cwd=elsewhere), port
+
+    with started(launch, ready="all 1 workers ready") as (srv, port):
+        assert f"udp-127.0.0.1:{port}=shardudp.workers.echo:Echo " in srv.log
+        assert f"from {installed}/shardudp/" in _which_shardudp(installed, elsewhere)
+        with Flows(1, port) as flows:
+            flows.send(0, b"hi")
+            assert [d for _, d in flows.collect(1, 5)] == [b"hi"]
 
 
 def _which_shardudp(lib: Path, cwd: Path) -> str:
@@ -656,7 +640,8 @@ def test_a_users_own_workers_package_runs_next_to_an_installed_shardudp(
     (tmp_path / "workers" / "__init__.py").write_text("")
     (tmp_path / "workers" / "myapp.py").write_text(USERS_WORKERS)
     env = _installed_env(installed)
-    for _ in range(5):
+
+    def launch() -> tuple[Server, tuple[int, int]]:
         mine, ours = free_port(), free_port()
         cfg = tmp_path / "shardudp.toml"
         cfg.write_text(f'workers = 1\n[[listener]]\napp = "workers.myapp:App"\n'
@@ -664,24 +649,14 @@ def test_a_users_own_workers_package_runs_next_to_an_installed_shardudp(
                        f'[[listener]]\napp = "echo"\nbind = "127.0.0.1:{ours}"\n')
         assert shardudp("check", "--config", str(cfg), cwd=tmp_path,
                         env={"PYTHONPATH": str(installed)}).returncode == 0
-        srv = Server(["run", "--config", str(cfg)], env=env, cwd=tmp_path)
-        try:
-            try:
-                srv.wait_line("all 1 workers ready")
-            except AssertionError:
-                if "already in use" in srv.log:
-                    continue
-                raise
-            with Flows(1, mine) as a, Flows(1, ours) as b:
-                a.send(0, b"x")
-                b.send(0, b"y")
-                assert [d for _, d in a.collect(1, 5)] == [b"mine:x"]
-                assert [d for _, d in b.collect(1, 5)] == [b"y"]
-            break
-        finally:
-            srv.stop()
-    else:
-        pytest.fail("no free port")
+        return Server(["run", "--config", str(cfg)], env=env, cwd=tmp_path), (mine, ours)
+
+    with (started(launch, ready="all 1 workers ready") as (_, (mine, ours)),
+          Flows(1, mine) as a, Flows(1, ours) as b):
+        a.send(0, b"x")
+        b.send(0, b"y")
+        assert [d for _, d in a.collect(1, 5)] == [b"mine:x"]
+        assert [d for _, d in b.collect(1, 5)] == [b"y"]
 
     # The old spelling of a ready-made app now names the user's package; a hint says
     # where ours went.
@@ -739,33 +714,25 @@ def test_the_readmes_multicast_listener_serves_its_group_quietly_across_a_reload
         tmp_path: Path) -> None:
     """The ready-made multicast_ping joins the group of the listener it serves, not the
     how-to's 228.0.0.5: no CRITICAL line on start or reload."""
-    for _ in range(5):
+
+    def launch() -> tuple[Server, int]:
         port = free_port()
         cfg = tmp_path / "shardudp.toml"
         cfg.write_text(f'workers = 2\n[[listener]]\nname = "discovery"\napp = "multicast_ping"\n'
                        f'multicast = "239.255.0.7:{port}"\nmulticast_mode = "single"\n'
                        'multicast_interface = "127.0.0.1"\nmulticast_ttl = 0\n')
-        srv = Server(["run", "--config", str(cfg)])
-        try:
-            try:
-                srv.wait_line("all 2 workers ready")
-            except AssertionError:
-                if "already in use" in srv.log:
-                    continue
-                raise
-            mark = srv.mark()
-            srv.signal(signal.SIGHUP)
-            srv.wait_line("reload complete", start=mark)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-                client.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                  socket.inet_aton("127.0.0.1"))
-                client.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-                client.settimeout(5)
-                client.sendto(b"Client: Ping", ("239.255.0.7", port))
-                assert client.recv(100) == b"Server: Pong"
-            srv.stop()
-            assert "CRITICAL" not in srv.log and "MulticastJoinError" not in srv.log, srv.log
-            return
-        finally:
-            srv.stop()
-    pytest.fail("no free port")
+        return Server(["run", "--config", str(cfg)]), port
+
+    with started(launch, ready="all 2 workers ready") as (srv, port):
+        mark = srv.mark()
+        srv.signal(signal.SIGHUP)
+        srv.wait_line("reload complete", start=mark)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                              socket.inet_aton("127.0.0.1"))
+            client.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+            client.settimeout(5)
+            client.sendto(b"Client: Ping", ("239.255.0.7", port))
+            assert client.recv(100) == b"Server: Pong"
+        srv.stop()
+        assert "CRITICAL" not in srv.log and "MulticastJoinError" not in srv.log, srv.log

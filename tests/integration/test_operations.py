@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from harness import ROOT, Flows, McastSenders, Server, ctl, free_port, serving
+from harness import ROOT, Flows, McastSenders, Server, ctl, free_port, serving, started
 from test_multicast_connected import GROUP
 
 from shardudp import control, wire
@@ -39,7 +39,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_config_with_two_unicast_and_one_multicast_listener(tmp_path: Path) -> None:
-    for _ in range(5):
+
+    def launch() -> tuple[Server, tuple[int, int, int]]:
         p1, p2, p3 = free_port(), free_port(), free_port()
         cfg = tmp_path / "shardudp.toml"
         cfg.write_text(f"""
@@ -65,28 +66,19 @@ multicast_mode = "shard"
 multicast_interface = "127.0.0.1"
 """)
         assert _cli("check", "--config", str(cfg)).returncode == 0
-        srv = Server(["run", "--config", str(cfg)])
-        try:
-            try:
-                srv.wait_line("all 2 workers ready")
-            except AssertionError:
-                if "already in use" in srv.log:
-                    continue
-                raise
-            with Flows(1, p1) as a, Flows(1, p2) as b:
-                a.send(0, b"hello")
-                b.send(0, b"hello")
-                assert [d for _, d in a.collect(1, 5)] == [b"hello"]
-                assert [d for _, d in b.collect(1, 5)] == [b"HELLO"]
-            with McastSenders(4, GROUP, p3) as senders:
-                senders.send_many((GROUP, p3), 8, b"m")
-                got = senders.replies(8, 5)
-                assert sorted(p for _, p in got) == [b"m%06d" % i for i in range(8)]
-            srv.wait_line(r"listener upper: asked SO_RCVBUF 262144, the kernel gave \d+")
-            return
-        finally:
-            srv.stop()
-    pytest.fail("no free ports")
+        return Server(["run", "--config", str(cfg)]), (p1, p2, p3)
+
+    with started(launch, ready="all 2 workers ready") as (srv, (p1, p2, p3)):
+        with Flows(1, p1) as a, Flows(1, p2) as b:
+            a.send(0, b"hello")
+            b.send(0, b"hello")
+            assert [d for _, d in a.collect(1, 5)] == [b"hello"]
+            assert [d for _, d in b.collect(1, 5)] == [b"HELLO"]
+        with McastSenders(4, GROUP, p3) as senders:
+            senders.send_many((GROUP, p3), 8, b"m")
+            got = senders.replies(8, 5)
+            assert sorted(p for _, p in got) == [b"m%06d" % i for i in range(8)]
+        srv.wait_line(r"listener upper: asked SO_RCVBUF 262144, the kernel gave \d+")
 
 
 def test_check_reports_every_error_with_its_key_and_prints_effective_config(
