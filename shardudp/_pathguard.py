@@ -19,18 +19,26 @@ import stat
 import sys
 
 
-def _writable_by_others(path: str) -> bool:
-    """True if ``path`` or a directory above it can be changed by another user than root."""
+def writable_by_others(path: str) -> bool:
+    """True if another user than root can change what ``path`` holds.
+
+    The nearest existing directory (``path`` itself, or where a missing
+    ``path`` would be made) must be writable by root alone: a sticky bit does
+    not stop others creating entries in it. Above that, a sticky directory
+    (``/tmp``) is fine: others cannot rename or remove root's entries there.
+    """
     current = os.path.abspath(path)
+    nearest = True
     while True:
         try:
             st = os.stat(current)
         except OSError:
             st = None  # missing: whoever may write its parent decides
         if st is not None:
-            sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+            sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and not nearest
             if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky):
                 return True
+            nearest = False
         parent = os.path.dirname(current)
         if parent == current:
             return False
@@ -41,7 +49,7 @@ def secure_sys_path() -> list[str]:
     """As root, drop every ``sys.path`` entry another user could write; return them."""
     if os.geteuid() != 0:
         return []
-    dropped = [e for e in sys.path if _writable_by_others(e or os.getcwd())]
+    dropped = [e for e in sys.path if writable_by_others(e or os.getcwd())]
     sys.path[:] = [e for e in sys.path if e not in dropped]
     return dropped
 

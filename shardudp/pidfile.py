@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._pathguard import writable_by_others
 from .errors import StartupError
 from .services import Service
 
@@ -71,11 +72,10 @@ def _check_directory(path: str, directory: Path) -> None:
     """As root, refuse a directory another user could write into (plant a link there)."""
     if os.geteuid() != 0:
         return
-    st = os.stat(directory)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        raise StartupError(f"--pid-file {path}: its directory {directory} can be written by "
-                           "other users; as root, keep the pid file in a directory only root "
-                           "can write (e.g. /run/shardudp)")
+    if writable_by_others(str(directory)):
+        raise StartupError(f"--pid-file {path}: its directory {directory} (or one above "
+                           "it) can be changed by other users; as root, keep the pid file in "
+                           "a directory only root can write (e.g. /run/shardudp)")
 
 
 @contextlib.contextmanager
