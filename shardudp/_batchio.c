@@ -657,6 +657,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         long long batch_start = now_ns();
         /* One time for the whole batch: ~1 ms at most, far below session_idle. */
         PyObject *heard = e->flows ? PyFloat_FromDouble((double)batch_start / 1e9) : NULL;
+        if (e->flows != NULL && heard == NULL)
+            PyErr_Clear(); /* out of memory: this batch's senders are not tracked */
         for (int i = 0; i < n; i++) {
             Py_ssize_t len = (Py_ssize_t)e->rmsg[i].msg_len;
             if (len > e->maxsize) {
@@ -674,7 +676,8 @@ Engine_read(Engine *e, PyObject *const *args, Py_ssize_t nargs)
                 handler_failed(e); /* out of memory: count it, keep going */
                 continue;
             }
-            if (heard != NULL && PyDict_SetItem(e->flows, argv[1], heard) < 0)
+            /* flows may be dropped by set_flows from a handler, mid-batch */
+            if (heard != NULL && e->flows != NULL && PyDict_SetItem(e->flows, argv[1], heard) < 0)
                 PyErr_Clear(); /* out of memory: this sender is simply not tracked */
             e->cur_tuple = argv[1];
             e->cur_addr = &e->rname[i];

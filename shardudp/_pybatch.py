@@ -33,15 +33,14 @@ from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, Final
 
+from shardudp import inflight
 from shardudp.sockets import SEND_DROP_ERRNOS
 
 __all__ = ["AVAILABLE", "MISSING", "Engine"]
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
 _MSG_TRUNC: Final = socket.MSG_TRUNC
-# The in-flight record's layout (shardudp.inflight; the C engine uses the same).
-_REC_STATE: Final = struct.Struct("=I")
-_REC_ADDR_AT: Final = 8
+_REC_STATE: Final = inflight.STATE
 _EINTR_RETRIES: Final = 8
 # Delivering one batch should take about this long; see adapt_batch in _batchio.c.
 _BATCH_TARGET_NS: Final = 1_000_000
@@ -143,6 +142,7 @@ class Engine:
         "_qnames",
         "_rbuf_mv",
         "_rec",
+        "_rec_addr",
         "_rec_state",
         "_rmsg_addr",
         "_rmsg_u32",
@@ -183,6 +183,7 @@ class Engine:
         self._port = port
         self._protocol = protocol
         self._rec: memoryview | None = None
+        self._rec_addr = slice(0)
         self._rec_state = 0
         self._flows: dict[Any, float] | None = None
         self._flows_cap = 0
@@ -527,11 +528,12 @@ class Engine:
     def set_record(self, record: Any, listener: int) -> None:
         """Keep the in-flight record (``shardudp.inflight``) in ``record`` (None: don't)."""
         self._rec = None if record is None else memoryview(record).cast("B")
+        self._rec_addr = slice(inflight.ADDR_AT, inflight.ADDR_AT + self._name_len)
         self._rec_state = listener + 1
 
     def _deliver(self, n: int, deliver: Callable[[bytes, Any], object]) -> int:
         lens, datas, addrs, names = self._unpack(n)
-        rec = self._rec
+        rec, at = self._rec, self._rec_addr
         if rec is not None:
             _REC_STATE.pack_into(rec, 0, self._rec_state)
         try:
@@ -539,7 +541,7 @@ class Engine:
                 self._cur = addr
                 self._cur_name = name
                 if rec is not None:
-                    rec[_REC_ADDR_AT:_REC_ADDR_AT + len(name)] = name
+                    rec[at] = name
                 try:
                     deliver(data, addr)
                 except BaseException as exc:
@@ -559,7 +561,7 @@ class Engine:
         mask = self._sample_mask
         seq = first = self._rx_seq
         clock = time.perf_counter_ns
-        rec = self._rec
+        rec, at = self._rec, self._rec_addr
         if rec is not None:
             _REC_STATE.pack_into(rec, 0, self._rec_state)
         try:
@@ -567,7 +569,7 @@ class Engine:
                 self._cur = addr
                 self._cur_name = name
                 if rec is not None:
-                    rec[_REC_ADDR_AT:_REC_ADDR_AT + len(name)] = name
+                    rec[at] = name
                 seq += 1
                 try:
                     if seq & mask:

@@ -19,6 +19,7 @@ from typing import Any, Final, NoReturn
 
 from . import __version__, config, control, datapaths, process, sockets
 from .errors import ConfigError, ExitCode, StartupError
+from .supervision import NotServing
 
 log = logging.getLogger("shardudp")
 
@@ -176,6 +177,11 @@ def _fmt(v: object, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+#: Why a slot is not serving that its state line says already.
+_SAID_BY_STATE: Final = frozenset(
+    w.value for w in (NotServing.BOOTING, NotServing.DOWN, NotServing.STOPPING))
+
+
 def _health(st: dict[str, Any]) -> str:
     if st.get("stopping"):
         return "stopping"
@@ -190,8 +196,8 @@ def _health(st: dict[str, Any]) -> str:
             problems.append(f"slot {sl['slot']} {sl['state']}")
         for name, why in sorted((sl.get("not_serving") or {}).items()):
             # What the state or the silence above says already is not repeated.
-            if why in ("booting", "no worker", "stopping") or (why == "not responding"
-                                                               and sl["slot"] in silent):
+            if why in _SAID_BY_STATE or (why == NotServing.UNRESPONSIVE.value
+                                         and sl["slot"] in silent):
                 continue
             steered = " (steered)" if name in (sl.get("steered") or []) else ""
             problems.append(f"slot {sl['slot']} not serving {name}: {why}{steered}")

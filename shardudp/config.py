@@ -356,9 +356,9 @@ class Listener:
     rcvbuf: int | None
     sndbuf: int | None
     max_packet_size: int
-    session_idle: float = 0.0
-    drain_timeout: float = 60.0
-    session_table: int = 65536
+    session_idle: float
+    drain_timeout: float
+    session_table: int
 
     @property
     def sessions(self) -> bool:

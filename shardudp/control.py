@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import wire
+from .acceptgate import PER_CONNECTION, AcceptGate
 from .errors import StartupError, WireError
 
 log = logging.getLogger("shardudp.control")
@@ -39,10 +40,6 @@ MAX_CLIENTS: Final = 128
 #: Connections the kernel queues until we accept them: a burst arrives faster
 #: than one loop turn accepts (a backlog of 16 refused 13 of 100 clients).
 LISTEN_BACKLOG: Final = 512
-#: accept() failing for want of descriptors pauses accepting this long,
-#: doubling up to the max while it keeps failing.
-ACCEPT_BACKOFF_MIN: Final = 0.05
-ACCEPT_BACKOFF_MAX: Final = 1.0
 #: A client must complete each request within this long of connecting or of
 #: its previous answer; trickling bytes does not extend it.
 REQUEST_TIMEOUT: Final = 5.0
@@ -221,10 +218,7 @@ class ControlServer:
         self.clock = clock
         self.conns: dict[int, _Conn] = {}
         self.listener = self._bind(path)
-        selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        #: While accept() fails for want of descriptors: when to listen again.
-        self._rearm_at: float | None = None
-        self._backoff = ACCEPT_BACKOFF_MIN
+        self._gate = AcceptGate("control socket", self.listener, selector, self._on_accept, log)
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
@@ -264,8 +258,7 @@ class ControlServer:
     def close(self) -> None:
         for conn in list(self.conns.values()):
             self._drop(conn)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.listener)
+        self._gate.close()
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
@@ -277,9 +270,11 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._pause_accepting(exc)
+                if exc.errno in PER_CONNECTION:
+                    continue
+                self._gate.pause(self.clock(), exc)
                 return
-            self._backoff = ACCEPT_BACKOFF_MIN
+            self._gate.accepted()
             if len(self.conns) >= MAX_CLIENTS:
                 # Evict the client closest to its deadline rather than refuse
                 # the new one: a crowd of silent clients must not lock the
@@ -288,8 +283,14 @@ class ControlServer:
             sock.setblocking(False)
             conn = _Conn(sock, self.clock() + REQUEST_TIMEOUT)
             conn.on_event = functools.partial(self._on_conn, conn)
+            try:
+                self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
+            except OSError as exc:
+                # epoll out of memory or watches: as for accept(), wait and retry.
+                sock.close()
+                self._gate.pause(self.clock(), exc)
+                return
             self.conns[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
 
     def _alive(self, conn: _Conn) -> bool:
         return self.conns.get(conn.sock.fileno()) is conn
@@ -381,25 +382,11 @@ class ControlServer:
             self.selector.unregister(conn.sock)
         conn.sock.close()
 
-    def _pause_accepting(self, exc: OSError) -> None:
-        """accept() failed (no descriptor left, say): stop listening for a while.
-
-        The pending connection keeps the listener readable; accepting again at
-        once would spin the master's loop on the same error.
-        """
-        if self._rearm_at is None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.listener)
-            log.warning("control socket: accept failed (%s); pausing accepts for %.2f s",
-                        exc.strerror or exc, self._backoff)
-        self._rearm_at = self.clock() + self._backoff
-        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
-
     def deadline(self) -> float | None:
         """When ``expire`` has something to do: a client's deadline or the end of a pause."""
         times = [c.deadline for c in self.conns.values()]
-        if self._rearm_at is not None:
-            times.append(self._rearm_at)
+        if self._gate.deadline is not None:
+            times.append(self._gate.deadline)
         return min(times) if times else None
 
     def expire(self) -> None:
@@ -408,9 +395,7 @@ class ControlServer:
         now = self.clock()
         for conn in [c for c in self.conns.values() if c.deadline < now]:
             self._drop(conn)
-        if self._rearm_at is not None and now >= self._rearm_at:
-            self._rearm_at = None
-            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self._gate.expire(now)
 
 
 # -- client --------------------------------------------------------------------

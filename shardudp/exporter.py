@@ -13,7 +13,6 @@ from package metadata).
 
 from __future__ import annotations
 
-import logging
 import math
 import platform
 import selectors
@@ -36,8 +35,7 @@ from prometheus_client.metrics_core import (
 
 from shardudp import sockstats
 from shardudp.drops import SHARED
-from shardudp.errors import StartupError
-from shardudp.httpd import HttpEndpoint, Response, Route
+from shardudp.httpd import HttpEndpoint, Response, Route, plain
 from shardudp.metrics import (
     RESTART_REASONS,
     ZERO,
@@ -45,8 +43,6 @@ from shardudp.metrics import (
     ListenerSeries,
 )
 from shardudp.stats import SAMPLE_EVERY
-
-log = logging.getLogger("shardudp.exporter")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 _SL: Final = ("slot", "listener")
@@ -146,8 +142,8 @@ class ExportView:
     master: MasterState = field(default_factory=MasterState)
 
     def __post_init__(self) -> None:
-        # Copy what the master handed in: it may keep mutating its own dict
-        # while the HTTP thread reads this view.
+        # A view is what was published, however its builder goes on to change
+        # the dict or list it passed in.
         object.__setattr__(self, "workers", MappingProxyType(dict(self.workers)))
         object.__setattr__(self, "sockets", tuple(self.sockets))
 
@@ -157,13 +153,21 @@ class ExportView:
     def silent(self) -> list[int]:
         return sorted(s for s, w in self.workers.items() if w.ready and w.silent)
 
-    def not_serving(self) -> dict[tuple[int, str], str]:
-        """(slot, listener) -> why nobody reads it, for current slots only."""
-        return {k: why for k, why in self.master.not_serving.items() if k[0] in self.workers}
+    def not_serving(self) -> Mapping[tuple[int, str], str]:
+        """(slot, listener) -> why nobody reads it, for current slots only.
+
+        Current by construction: the monitor builds ``workers`` and
+        ``master.not_serving`` from the same turn's slots, and
+        ``Supervisor.serving`` skips the retiring ones ``workers`` leaves out.
+        """
+        return self.master.not_serving
 
 
 class LatestView:
-    """A source whose view the master replaces with one assignment (atomic under the GIL)."""
+    """The routes' source: the master's loop publishes a view by assigning ``view``.
+
+    Routes hold this object, not a view, so each scrape reads the latest one.
+    """
 
     def __init__(self, view: ExportView | None = None) -> None:
         self.view = view if view is not None else ExportView()
@@ -450,20 +454,19 @@ class ShardCollector:
 #: A burst of scrapes (several Prometheus servers, a probe, an operator's
 #: curl) within this long costs one render on the master's loop.
 METRICS_MAX_AGE: Final = 0.5
-_TEXT: Final = "text/plain; charset=utf-8"
 
 
 def health_answer(source: Callable[[], ExportView], healthy: Callable[[], bool]) -> Response:
-    """/healthz: 200 when every slot has a READY, responsive worker; else 503 naming the slots."""
-    try:
-        ok = healthy()
-        view = source()
-        waiting, silent = view.not_ready(), view.silent()
-    except Exception:
-        log.exception("health check failed")
-        return Response(503, _TEXT, b"health check failed\n")
+    """/healthz: 200 when every slot has a READY, responsive worker; else 503 naming the slots.
+
+    A ``healthy`` or ``source`` that raises is left to the endpoint: it answers
+    500 and logs the failure without flooding the log at every probe.
+    """
+    ok = healthy()
+    view = source()
+    waiting, silent = view.not_ready(), view.silent()
     if ok:
-        return Response(200, _TEXT, b"ok\n")
+        return plain(200, "ok")
     problems = [f"slots {what}: {', '.join(map(str, slots))}"
                 for what, slots in (("not ready", waiting), ("not responding", silent))
                 if slots]
@@ -471,7 +474,7 @@ def health_answer(source: Callable[[], ExportView], healthy: Callable[[], bool])
     problems += [f"slot {slot} not serving {name}: {reason}"
                  for (slot, name), reason in sorted(view.not_serving().items())
                  if slot not in named]
-    return Response(503, _TEXT, ("; ".join(problems) or "not ready").encode() + b"\n")
+    return plain(503, "; ".join(problems) or "not ready")
 
 
 def routes(source: Callable[[], ExportView], healthy: Callable[[], bool], *,
@@ -495,8 +498,4 @@ def serve(host: str, port: int, paths: Mapping[str, Route], selector: selectors.
 
     Raises StartupError naming the address if it cannot listen.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise StartupError(f"metrics port must be an integer 0-65535, got {port!r}")
-    if not host.strip().strip("[]"):
-        raise StartupError("metrics host is empty; use e.g. 127.0.0.1 or [::1]")
-    return HttpEndpoint(host.strip(), port, paths, selector, clock=clock)
+    return HttpEndpoint(host, port, paths, selector, clock=clock)

@@ -10,12 +10,11 @@ pays nothing.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .stats import ListenerStats
-from .steering import bucket_of, flow_hash
+from .steering import bucket_of, hash_flow
 
 #: Senders remembered as lent or not while counting steered datagrams.
 _LENT_CACHE: Final = 4096
@@ -86,6 +85,9 @@ class Gate:
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         if addr in self.refused:
             self._stats.refused += 1
+            if self.flows is not None:
+                # A batch engine noted it before we refused it: no session to keep.
+                self.flows.pop(addr, None)
             return
         if self._lent is not None:
             lent = self._lent_cache.get(addr)
@@ -97,21 +99,20 @@ class Gate:
         if flows is not None and not self.native:
             flows[addr] = self.now
             if len(flows) > self._cap:
-                self._evict()
+                self.evict()
         self._deliver(data, addr)
 
     def evict(self) -> None:
-        """Called by an engine that notes senders itself, when it holds too many."""
-        self._evict()
-
-    def _evict(self) -> None:
         """Make room: the least recently heard eighth of the senders goes (counted).
 
-        A batch at a time, so the sort is paid once per cap/8 new senders.
+        A batch at a time, so the sort is paid once per cap/8 new senders. Also
+        called by an engine that notes senders itself, once per batch: a batch
+        may have added more than an eighth, so the excess goes too.
         """
         flows = self.flows
         assert flows is not None
-        oldest = sorted(flows.items(), key=lambda item: item[1])[:max(1, self._cap // 8)]
+        going = len(flows) - self._cap + max(1, self._cap // 8)
+        oldest = sorted(flows.items(), key=lambda item: item[1])[:going]
         for addr, _ in oldest:
             del flows[addr]
         self._stats.evicted += len(oldest)
@@ -121,6 +122,5 @@ class Gate:
         cache = self._lent_cache
         if len(cache) >= _LENT_CACHE:
             cache.clear()
-        packed = ipaddress.ip_address(addr[0]).packed
-        lent = cache[addr] = bucket_of(flow_hash(packed, addr[1], self._seed)) in self._lent
+        lent = cache[addr] = bucket_of(hash_flow(addr[0], addr[1], self._seed)) in self._lent
         return lent

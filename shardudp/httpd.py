@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .acceptgate import PER_CONNECTION, AcceptGate, Throttle
 from .errors import StartupError
 
 log = logging.getLogger("shardudp.http")
@@ -76,25 +77,8 @@ ACCEPTS_PER_TURN: Final = 16
 #: The listen backlog: a burst of scrapers and probes queues in the kernel
 #: rather than being refused.
 BACKLOG: Final = 128
-#: accept() out of descriptors or memory stops accepting for this long,
-#: doubling on each failure up to BACKOFF_MAX, so the loop never spins on a
-#: listener that stays readable.
-BACKOFF_MIN: Final = 0.05
-BACKOFF_MAX: Final = 1.0
-#: The same warning is logged at most once per this many seconds (with the
-#: count of those held back): a failure repeating every turn must not flood the log.
-WARN_INTERVAL: Final = 60.0
 
 _TEXT: Final = "text/plain; charset=utf-8"
-#: accept() failures that mean "this process or host is out of something":
-#: retrying at once fails again.
-_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: accept() failures that belong to one pending connection (accept(2): Linux
-#: hands the new socket's pending network error to accept): skip it, accept on.
-_PER_CONNECTION: Final = frozenset({
-    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
-    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
-})
 #: What h11 accepts in a header value, checked before h11 sees a route's
 #: content type: h11 raising mid-response would leave no way to answer 500.
 _HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
@@ -123,25 +107,6 @@ class Route:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_age) and self.max_age >= 0):
             raise ValueError(f"max_age must be a finite number >= 0, got {self.max_age!r}")
-
-
-class _Throttle:
-    """One kind of warning, logged at most once per WARN_INTERVAL."""
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self.next_at = -math.inf
-        self.held = 0
-
-    def log(self, now: float, msg: str, *args: object, exc_info: bool = False) -> None:
-        if now < self.next_at:
-            self.held += 1
-            return
-        if self.held:
-            msg += f" ({self.held} more like this in the last {WARN_INTERVAL:.0f}s)"
-        log.log(self.level, msg, *args, exc_info=exc_info)
-        self.next_at = now + WARN_INTERVAL
-        self.held = 0
 
 
 class _Client:
@@ -226,7 +191,8 @@ def _checked(resp: object) -> Response:
     return Response(status, ctype, body)
 
 
-def _plain(status: int, text: str) -> Response:
+def plain(status: int, text: str) -> Response:
+    """A text/plain response of one line."""
     return Response(status, _TEXT, text.encode() + b"\n")
 
 
@@ -253,20 +219,18 @@ class HttpEndpoint:
         self._clients: dict[int, _Client] = {}
         self._cache: dict[str, tuple[float, Response]] = {}
         self._idle_seq = 0
-        self._backoff = BACKOFF_MIN
-        #: When the listener, unregistered after accept() failed, is re-armed.
-        self._rearm_at: float | None = None
-        self._accept_warning = _Throttle(logging.WARNING)
-        self._refusal_warning = _Throttle(logging.WARNING)
-        self._route_error = _Throttle(logging.ERROR)
-        self._client_error = _Throttle(logging.ERROR)
+        self._refusal_warning = Throttle(log, logging.WARNING)
+        self._route_error = Throttle(log, logging.ERROR)
+        self._client_error = Throttle(log, logging.ERROR)
         bare, family = _parse_host(host)
         self._listener = self._bind(bare, port, family)
         self.port: int = self._listener.getsockname()[1]
         self._spare: int | None = None
         self._reserve_spare()
-        self._listening = True
-        selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        # The spare is taken again before accepting resumes: a full table may
+        # have cost it (see _accept_failed).
+        self._gate = AcceptGate("HTTP endpoint", self._listener, selector, self._on_accept, log,
+                                prepare=self._reserve_spare)
 
     @staticmethod
     def _bind(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
@@ -293,8 +257,8 @@ class HttpEndpoint:
     def next_deadline(self) -> float | None:
         """The earliest monotonic time ``expire()`` has something to do, or None."""
         times = [c.effective_deadline() for c in self._clients.values()]
-        if self._rearm_at is not None:
-            times.append(self._rearm_at)
+        if self._gate.deadline is not None:
+            times.append(self._gate.deadline)
         return min(times) if times else None
 
     def expire(self, now: float | None = None) -> None:
@@ -304,23 +268,12 @@ class HttpEndpoint:
         for c in [c for c in self._clients.values() if c.effective_deadline() <= now]:
             log.debug("HTTP client %s timed out", c.peer)
             self._drop(c)
-        if self._rearm_at is not None and now >= self._rearm_at:
-            self._rearm_at = None
-            self._reserve_spare()
-            try:
-                self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
-            except OSError as exc:  # epoll_ctl out of memory: try again later
-                self._accept_warning.log(now, "HTTP endpoint cannot watch its socket: %s",
-                                         _describe(exc))
-                self._back_off(now)
-            else:
-                self._listening = True
+        self._gate.expire(now)
 
     def close(self) -> None:
         for c in list(self._clients.values()):
             self._drop(c)
-        self._stop_listening()
-        self._rearm_at = None
+        self._gate.close()
         self._listener.close()
         self._release_spare()
 
@@ -334,7 +287,7 @@ class HttpEndpoint:
             # Our bug, not the client's: it must not unwind into the master loop.
             self._client_error.log(now, "HTTP accept failed: %s", _describe(exc),
                                    exc_info=log.isEnabledFor(logging.DEBUG))
-            self._back_off(now)
+            self._gate.pause(now)
 
     def _accept_some(self, now: float) -> None:
         for _ in range(ACCEPTS_PER_TURN):
@@ -350,11 +303,11 @@ class HttpEndpoint:
                 return
             except OSError as exc:
                 self._reserve_spare()
-                if exc.errno in _PER_CONNECTION:
+                if exc.errno in PER_CONNECTION:
                     continue
                 self._accept_failed(exc, now)
                 return
-            self._backoff = BACKOFF_MIN
+            self._gate.accepted()
             if full:
                 victim = self._oldest_idle()
                 if victim is None:
@@ -378,24 +331,11 @@ class HttpEndpoint:
             with contextlib.suppress(OSError):
                 self._listener.accept()[0].close()
             self._reserve_spare()
-        self._accept_warning.log(now, "HTTP endpoint cannot accept connections: %s; "
-                                 "pausing accepts for %.2fs", _describe(exc), self._backoff)
-        self._back_off(now)
-
-    def _back_off(self, now: float) -> None:
-        self._stop_listening()
-        self._rearm_at = now + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-
-    def _stop_listening(self) -> None:
-        if self._listening:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(self._listener)
-            self._listening = False
+        self._gate.pause(now, exc)
 
     def _reserve_spare(self) -> None:
         if self._spare is None:
-            # Failing is no disaster: expire() tries again when re-arming.
+            # Failing is no disaster: the gate tries again before re-arming.
             with contextlib.suppress(OSError):
                 self._spare = os.open(os.devnull, os.O_RDONLY)
 
@@ -511,9 +451,9 @@ class HttpEndpoint:
         route = self._routes.get(path)
         extra: list[tuple[bytes, bytes]] = []
         if route is None:
-            resp = _plain(404, f"not found; try {', '.join(self._routes) or 'nothing'}")
+            resp = plain(404, f"not found; try {', '.join(self._routes) or 'nothing'}")
         elif req.method not in (b"GET", b"HEAD"):
-            resp = _plain(405, "method not allowed; use GET or HEAD")
+            resp = plain(405, "method not allowed; use GET or HEAD")
             extra.append((b"allow", b"GET, HEAD"))
         else:
             resp = self._render(path, route, now)
@@ -536,7 +476,7 @@ class HttpEndpoint:
             # every other route and client goes on being served.
             self._route_error.log(now, "HTTP route %s failed: %s", path, _describe(exc),
                                   exc_info=log.isEnabledFor(logging.DEBUG))
-            return _plain(500, f"{path} failed; see the server's log")
+            return plain(500, f"{path} failed; see the server's log")
         if route.max_age > 0:
             self._cache[path] = (now + route.max_age, resp)
         return resp
@@ -546,7 +486,7 @@ class HttpEndpoint:
         c.closing = True
         if c.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             status = exc.error_status_hint
-            self._respond(c, _plain(status, http.HTTPStatus(status).phrase),
+            self._respond(c, plain(status, http.HTTPStatus(status).phrase),
                           head=False, extra=[], close=True)
 
     def _respond(self, c: _Client, resp: Response, *, head: bool,

@@ -23,10 +23,13 @@ import socket
 import struct
 from typing import Final
 
+#: The state word at 0 (the C data path's REC_* constants say the same).
+STATE: Final = struct.Struct("=I")
 ADDR_AT: Final = 8
 ADDR_MAX: Final = 28
+#: Where the sender goes: one fixed-size slice store per datagram.
+ADDR: Final = slice(ADDR_AT, ADDR_AT + ADDR_MAX)
 SIZE: Final = ADDR_AT + ADDR_MAX
-_STATE: Final = struct.Struct("=I")
 _IN4: Final = struct.Struct("=H2s4s8x")
 _IN6: Final = struct.Struct("=H2sI16sI")
 
@@ -45,15 +48,6 @@ def sockaddr(host: str, port: int) -> bytes:
     return _IN6.pack(socket.AF_INET6, pbytes, 0, ip.packed, 0)
 
 
-def set_state(record: memoryview, listener: int | None) -> None:
-    """Say that a handler of listener number ``listener`` runs (None: none does)."""
-    _STATE.pack_into(record, 0, 0 if listener is None else listener + 1)
-
-
-def clear(record: mmap.mmap | memoryview) -> None:
-    record[:SIZE] = bytes(SIZE)
-
-
 def decode(record: bytes | mmap.mmap | memoryview) -> tuple[int, str, int] | None:
     """(listener number, host, port) of the datagram whose handler was running, else None.
 
@@ -61,7 +55,7 @@ def decode(record: bytes | mmap.mmap | memoryview) -> tuple[int, str, int] | Non
     does not parse is None, never an exception.
     """
     raw = bytes(record[:SIZE])
-    (state,) = _STATE.unpack_from(raw, 0)
+    (state,) = STATE.unpack_from(raw, 0)
     if state == 0:
         return None
     family = struct.unpack_from("=H", raw, ADDR_AT)[0]

@@ -151,6 +151,7 @@ class _OutputHandler(logging.Handler):
         # RLock: a collection run while the lock is held may log from a finalizer.
         self._cond = threading.Condition(threading.RLock())
         self._queue: deque[_Line | _Switch] = deque()
+        self._switch: _Switch | None = None  # queued, not yet taken by the writer
         self._queued = 0  # bytes of the lines in _queue
         self._busy = False  # the writer holds lines taken from the queue
         self._refusing = False  # full: take nothing until down to _RESUME_BYTES
@@ -230,9 +231,16 @@ class _OutputHandler(logging.Handler):
             if self._closing:
                 os.close(fd)
                 return
+            if self._switch is not None:
+                # The writer is behind (a stuck output, perhaps): one pending
+                # switch, to the newest file, bounds the fds repeated reopens hold.
+                os.close(self._switch.fd)
+                self._switch.fd = fd
+                return
             # Queued, not swapped now: lines queued before go to the old file,
             # and only the writer knows when it is done with the old fd.
-            self._queue.append(_Switch(fd))
+            self._switch = _Switch(fd)
+            self._queue.append(self._switch)
             self._cond.notify()
             self._start_writer()
 
@@ -280,6 +288,7 @@ class _OutputHandler(logging.Handler):
                 head = self._queue[0]
                 if isinstance(head, _Switch):
                     self._queue.popleft()
+                    self._switch = None
                     old, self._fd = self._fd, head.fd
                 else:
                     lines = self._take()

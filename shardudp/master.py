@@ -287,10 +287,10 @@ class Master:
             handler()
 
     def handle_term(self) -> None:
-        self._shutdown("SIGTERM received")
+        self.shutdown("SIGTERM received")
 
     def handle_int(self) -> None:
-        self._shutdown("SIGINT received")
+        self.shutdown("SIGINT received")
 
     def handle_hup(self) -> None:
         assert self.sup is not None
@@ -309,9 +309,6 @@ class Master:
 
     def shutdown(self, why: str) -> None:
         """Stop gracefully (signals, the control socket); a second call kills the workers."""
-        self._shutdown(why)
-
-    def _shutdown(self, why: str) -> None:
         assert self.sup is not None
         if self.sup.stopping:
             # A second TERM/INT: the operator does not want to wait.
@@ -332,10 +329,8 @@ class Master:
             child = self.children.pop(pid, None)
             culprit = None
             if child is not None:
-                self._drain_and_close(child)
                 culprit = child.culprit([lst.name for lst in self.cfg.listeners])
-                if child.record is not None:
-                    child.record.close()
+                self._drain_and_close(child)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             self.apply(self.sup.exited(pid, code, sig, self.clock(), culprit=culprit))
@@ -415,6 +410,10 @@ class Master:
         if child.to_fd >= 0:
             os.close(child.to_fd)
             child.to_fd = -1
+        # Both reaping paths (_reap, _cleanup) end here; _reap reads culprit() first.
+        if child.record is not None:
+            child.record.close()
+            child.record = None
 
     def _unregister(self, child: Child) -> None:
         if child.from_fd >= 0:
@@ -425,9 +424,6 @@ class Master:
 
     def send(self, pid: int, msg: wire.Message) -> None:
         """Send ``msg`` to worker ``pid`` if it is ours and alive; never blocks."""
-        self._send(pid, msg)
-
-    def _send(self, pid: int, msg: wire.Message) -> None:
         child = self.children.get(pid)
         if child is None or child.to_fd < 0:
             return
@@ -469,9 +465,9 @@ class Master:
                 else:
                     self.apply(self.sup.spawned(a.slot, a.incarnation, pid, self.clock()))
             case supervision.SendStop():
-                self._send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
+                self.send(a.pid, wire.Stop(timeout=a.timeout, drain=a.drain))
             case supervision.Drain():
-                self._send(a.pid, wire.Drain(
+                self.send(a.pid, wire.Drain(
                     listeners=[lst.name for lst in self.cfg.listeners if lst.sessions]))
             case supervision.Kill():
                 self._kill(a.pid, _SIGNALS[a.sig])
@@ -511,7 +507,7 @@ class Master:
         single = [lst.name for lst in self.cfg.listeners
                   if lst.multicast and lst.multicast_mode == "single"]
         for name in single:
-            self._send(pid, wire.Activate(listener=name, active=True))
+            self.send(pid, wire.Activate(listener=name, active=True))
         if single:
             log.info("worker pid=%d now reads single-mode listeners %s", pid, ", ".join(single))
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from . import exporter, httpd, logs, sessions, supervision, wire
+from .config import Address
 from .errors import WireError
 from .exporter import ExportView, LatestView, MasterState, SlotWorker
 from .httpd import HttpEndpoint
@@ -70,8 +71,7 @@ class Monitor(Service):
             self.http = exporter.serve(addr.host, addr.port, paths, self.master.selector,
                                        clock=self.master.clock)
             self.metrics_port = self.http.port
-            host = f"[{addr.host}]" if ":" in addr.host else addr.host
-            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+            log.info("metrics on http://%s/metrics", Address(addr.host, self.metrics_port))
 
     def after_action(self, action: supervision.Action) -> None:
         if isinstance(action, supervision.Retired):
@@ -128,7 +128,7 @@ class Monitor(Service):
         if state != self._state:
             self._dirty = True
         if self._dirty:
-            self.publish()
+            self.publish(state)
 
     def deadline(self) -> float | None:
         return self.http.next_deadline() if self.http is not None else None
@@ -181,11 +181,10 @@ class Monitor(Service):
         sup = self.master.sup
         if sup is None:
             return frozenset()
-        bound = sup.policy.silent_after
         silent = set()
         for index, sl in sup.slots.items():
             w = sup.workers.get(sl.current) if sl.current is not None else None
-            if w is not None and w.state is WorkerState.READY and now - w.last_seen > bound:
+            if w is not None and sup.silent(w, now):
                 silent.add(index)
         return frozenset(silent)
 
@@ -214,8 +213,12 @@ class Monitor(Service):
                              MappingProxyType({c.value: n for c, n in t.cut.items()}), t.moved)
         return out
 
-    def publish(self) -> None:
-        """Replace the view the HTTP endpoint serves with one of the current state."""
+    def publish(self, state: MasterState | None = None) -> None:
+        """Replace the view the HTTP endpoint serves with one of the current state.
+
+        ``state``: the services' state, if the caller just built it (building it
+        asks every listener's slots whether they are served).
+        """
         master = self.master
         workers: dict[int, SlotWorker] = {}
         if master.sup is not None:
@@ -232,7 +235,7 @@ class Monitor(Service):
         socks = tuple((slot, ss.listener.name, ss.sock)
                       for slot, ss in master.sockets.all_sockets())
         dp = None if master.datapath is None else (master.cfg.datapath, master.datapath)
-        self._state = self._master_state()
+        self._state = state if state is not None else self._master_state()
         self.view.view = ExportView(book=self.book.snapshot(), workers=workers, sockets=socks,
                                     master_pid=master.pid, kernel=master.sockets.kernel_stats,
                                     counting=self.counting, datapath=dp, master=self._state)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from . import supervision, wire
-from .quarantine import Quarantine, Source
+from .quarantine import MAX_QUARANTINED, Quarantine, Source
 from .services import Service
 
 log = logging.getLogger("shardudp.master")
@@ -43,7 +43,13 @@ class Poison(Service):
         log.error("quarantined %s for %g s: workers died handling its datagrams; its "
                   "datagrams are dropped before the handler until then", source,
                   self.quarantine.duration)
-        self._tell(source.listener)
+        for gone in verdict.evicted:
+            log.warning("quarantine of %s is over early: at most %d sources are in quarantine "
+                        "at once", gone, MAX_QUARANTINED)
+        # An evicted source may be of another listener, whose workers would
+        # otherwise keep refusing it: expire() will never name it.
+        for name in sorted({source.listener, *(s.listener for s in verdict.evicted)}):
+            self._tell(name)
 
     def after_turn(self, now: float) -> None:
         for source in self.quarantine.expire(now):
@@ -66,7 +72,8 @@ class Poison(Service):
 
     def _refusal(self, listener: str) -> wire.Refuse:
         return wire.Refuse(listener=listener,
-                           sources=[f"{s.host} {s.port}" for s in sorted(self.quarantine.active())
+                           sources=[wire.flow_text(s.host, s.port)
+                                    for s in sorted(self.quarantine.active())
                                     if s.listener == listener])
 
     def _tell(self, listener: str) -> None:

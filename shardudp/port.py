@@ -36,7 +36,6 @@ import errno
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, Self
@@ -75,9 +74,8 @@ _MessageLengthError: Any = error.MessageLengthError
 _StockPort: Any = MulticastPort
 
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
-_STATE: Final = struct.Struct("=I")
-_ADDR_AT: Final = inflight.ADDR_AT
-_ADDR_MAX: Final = inflight.ADDR_MAX
+_REC_STATE: Final = inflight.STATE
+_REC_ADDR: Final = inflight.ADDR
 _SAMPLE_MASK: Final = SAMPLE_EVERY - 1
 DEFAULT_MAX_PACKET_SIZE: Final = 65535
 
@@ -209,7 +207,7 @@ class ShardPort(ListenerMembership):
         if len(names) >= self.addressCacheSize:
             names.clear()
         # Padded to the record's full width: one fixed-size slice store per datagram.
-        packed = names[addr] = inflight.sockaddr(addr[0], addr[1]).ljust(_ADDR_MAX, b"\0")
+        packed = names[addr] = inflight.sockaddr(addr[0], addr[1]).ljust(inflight.ADDR_MAX, b"\0")
         return packed
 
     @property
@@ -236,6 +234,18 @@ class ShardPort(ListenerMembership):
         return self._read(max_datagrams, 1 << 62)
 
     def _read(self, max_count: int, max_bytes: int) -> int:
+        """``_read_datagrams`` with the in-flight record saying our handler runs."""
+        rec = self._rec
+        if rec is None:
+            return self._read_datagrams(max_count, max_bytes, None)
+        _REC_STATE.pack_into(rec, 0, self._rec_state)
+        try:
+            return self._read_datagrams(max_count, max_bytes, rec)
+        finally:
+            _REC_STATE.pack_into(rec, 0, 0)
+
+    def _read_datagrams(self, max_count: int, max_bytes: int, rec: memoryview | None) -> int:
+        """Read and deliver; the sender of each goes into ``rec`` (if any) first."""
         raise NotImplementedError
 
     def _handler_failed(self, exc: BaseException) -> None:
@@ -459,17 +469,7 @@ class PythonLoopShardPort(ShardPort):
     def _adopted(self) -> None:
         self._tally = self._stats if self._stats is not None else ListenerStats()
 
-    def _read(self, max_count: int, max_bytes: int) -> int:
-        rec = self._rec
-        if rec is None:
-            return self._read_loop(max_count, max_bytes, None)
-        _STATE.pack_into(rec, 0, self._rec_state)
-        try:
-            return self._read_loop(max_count, max_bytes, rec)
-        finally:
-            _STATE.pack_into(rec, 0, 0)
-
-    def _read_loop(self, max_count: int, max_bytes: int, rec: memoryview | None) -> int:
+    def _read_datagrams(self, max_count: int, max_bytes: int, rec: memoryview | None) -> int:
         stats = self._tally
         recvfrom = self._sock.recvfrom
         size = self.maxPacketSize
@@ -504,7 +504,7 @@ class PythonLoopShardPort(ShardPort):
             if v6:
                 addr = addr[:2]
             if rec is not None:
-                rec[_ADDR_AT:_ADDR_AT + _ADDR_MAX] = names.get(addr) or self._record_name(addr)
+                rec[_REC_ADDR] = names.get(addr) or self._record_name(addr)
             try:
                 if stats.rx_datagrams & _SAMPLE_MASK:
                     deliver(data, addr)
@@ -526,26 +526,17 @@ class TwistedShardPort(ShardPort):
 
     datapath = "twisted"
 
-    def _read(self, max_count: int, max_bytes: int) -> int:
-        rec = self._rec
-        if rec is not None:
-            _STATE.pack_into(rec, 0, self._rec_state)
-        try:
-            return self._read_stock(max_count, max_bytes)
-        finally:
-            if rec is not None:
-                _STATE.pack_into(rec, 0, 0)
-
-    def _read_stock(self, max_count: int, max_bytes: int) -> int:
+    def _read_datagrams(self, max_count: int, max_bytes: int, rec: memoryview | None) -> int:
         # Stock bounds a read by bytes only; the count bound is ours (drain).
         count = 0
         read = 0
         stats = self._stats
         size = self.maxPacketSize
+        # One byte more than fits: a longer datagram shows up as truncated.
+        bufsize = size + 1 if size < DEFAULT_MAX_PACKET_SIZE else size
         while read < max_bytes and count < max_count:
             try:
-                data, addr = self._sock.recvfrom(
-                    size + 1 if size < DEFAULT_MAX_PACKET_SIZE else size, _MSG_DONTWAIT)
+                data, addr = self._sock.recvfrom(bufsize, _MSG_DONTWAIT)
             except BlockingIOError:
                 return count
             except ConnectionRefusedError:
@@ -564,9 +555,8 @@ class TwistedShardPort(ShardPort):
             count += 1
             if self.addressFamily == socket.AF_INET6:
                 addr = addr[:2]
-            if self._rec is not None:
-                self._rec[_ADDR_AT:_ADDR_AT + _ADDR_MAX] = (self._rec_names.get(addr)
-                                                            or self._record_name(addr))
+            if rec is not None:
+                rec[_REC_ADDR] = self._rec_names.get(addr) or self._record_name(addr)
             if stats is not None:
                 stats.rx_datagrams += 1
                 stats.rx_bytes += len(data)

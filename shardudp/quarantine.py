@@ -13,7 +13,8 @@ Rules:
    planned stop, or dying outside any handler, names no source.
 2. Strikes and quarantines are bounded (``MAX_SUSPECTS``, ``MAX_QUARANTINED``):
    a flood of spoofed sources can evict suspects, never grow our memory.
-   Past the quarantine cap, the oldest entry makes room.
+   Past the quarantine cap, the oldest entry makes room, and ``death`` says
+   which (``Verdict.evicted``): workers refuse it until told otherwise.
 3. A quarantine expires; a source that kills again starts from no strikes.
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from typing import Final
+
+from .config import Address
 
 #: Two deaths in this long make a source poison; older strikes are forgotten.
 STRIKE_WINDOW: Final = 300.0
@@ -41,18 +44,21 @@ class Source:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port} on {self.listener}"
+        return f"{Address(self.host, self.port)} on {self.listener}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """What one death means: the source's strike count, and whether it is now quarantined."""
+    """What one death means: the source's strike count, and whether it is now quarantined.
+
+    ``evicted``: sources released early to make room for this one (the cap).
+    """
 
     source: Source
     strikes: int
     quarantined: bool
     until: float | None = None
+    evicted: tuple[Source, ...] = ()
 
 
 class Quarantine:
@@ -78,10 +84,11 @@ class Quarantine:
             return Verdict(source, len(times), False)
         until = now + self.duration
         self._until[source] = until
+        evicted = []
         while len(self._until) > MAX_QUARANTINED:
-            self._until.popitem(last=False)
+            evicted.append(self._until.popitem(last=False)[0])
         self.total += 1
-        return Verdict(source, len(times), True, until)
+        return Verdict(source, len(times), True, until, tuple(evicted))
 
     def expire(self, now: float) -> list[Source]:
         """Release the sources whose time is up; return them."""

@@ -87,17 +87,18 @@ class Book:
         return h
 
     def report(self, pid: int, listener: str, active: Iterable[Flow], ended: Iterable[Flow],
-               room: int, *, moved: bool = False) -> list[Flow]:
+               room: int, *, moved: bool = False, more: bool = False) -> list[Flow]:
         """A holder's report: flows it still serves (new ones added) and flows gone idle.
 
         Returns the flows cut for want of room (rule 2). ``moved`` counts the
-        new flows as moved by a scale.
+        new flows as moved by a scale. ``more``: the rest of this report follows
+        (the holder has not said all yet).
         """
         h = self.holders.get((pid, listener))
         if h is None:
             return []
         tally = self.tally.setdefault(listener, Tally())
-        h.reported = True
+        h.reported = h.reported or not more
         for flow in ended:
             if flow in h.flows:
                 h.flows.discard(flow)

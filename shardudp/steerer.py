@@ -23,7 +23,6 @@ worker: steering only changes where new ones go.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 from collections.abc import Hashable
@@ -96,7 +95,7 @@ class Steerer(Service):
         if s is not None and s.current is not None:
             # A worker beside the current one reads the other generation: an
             # older worker still draining there must go first, sessions cut.
-            for pid in self._holders_of(slot, draining=True):
+            for pid in self._drainers_of(slot):
                 self._finish(pid, cut=True)
         return [wire.Cover(listener=name, seed=self.seed, buckets=list(buckets))
                 for (s_, name), buckets in sorted(self.covers.items()) if s_ == slot and buckets]
@@ -126,7 +125,8 @@ class Steerer(Service):
         lst = self.listeners.get(msg.listener)
         if lst is None or not lst.config.sessions:
             raise WireError(f"sessions report for {msg.listener!r}, which keeps none")
-        active, ended = _flows(msg.active), _flows(msg.ended)
+        active = [wire.parse_flow_untrusted(t, "sessions report") for t in msg.active]
+        ended = [wire.parse_flow_untrusted(t, "sessions report") for t in msg.ended]
         log.debug("sessions from pid=%d: %d active, %d ended", child.pid, len(active), len(ended))
         holder = self.book.holders.get((child.pid, msg.listener))
         if holder is None:
@@ -134,7 +134,7 @@ class Steerer(Service):
         slot = child.slot
         moved = not holder.draining or self._retiring(slot)
         cut = self.book.report(child.pid, msg.listener, active, ended,
-                               self._room(msg.listener), moved=moved)
+                               self._room(msg.listener), moved=moved, more=msg.more)
         if cut:
             log.warning("listener %s: %d sessions of worker pid=%d cut: the steering program "
                         "holds no more", msg.listener, len(cut), child.pid)
@@ -240,12 +240,12 @@ class Steerer(Service):
         self.book.lost(pid)
         self._dirty = True
 
-    def _holders_of(self, slot: int, *, draining: bool) -> list[int]:
+    def _drainers_of(self, slot: int) -> list[int]:
         sup = self.master.sup
         if sup is None:
             return []
         return sorted({pid for (pid, _), h in self.book.holders.items()
-                       if h.draining == draining and pid in sup.workers
+                       if h.draining and pid in sup.workers
                        and sup.workers[pid].slot == slot})
 
     def _retiring(self, slot: int) -> bool:
@@ -352,7 +352,7 @@ class Steerer(Service):
         serving = set(table.slots) - set(st.steered)
         owners = steering.lend(table.owners, serving)
         keys = tuple((slot, sockets.gen_of(slot)) for slot in owners)
-        pins = {steering.flow_hash(ipaddress.ip_address(host).packed, port, self.seed): member
+        pins = {steering.hash_flow(host, port, self.seed): member
                 for (host, port), member in self.book.pins(st.config.name).items()}
         return Steering(keys, members, pins, st.config.address.family_name == "ipv6",
                         self.seed)
@@ -406,14 +406,3 @@ class Steerer(Service):
         for slot in sorted(set(before) - set(after)):
             log.info("listener %s: slot %d is read again; its flows are back", name, slot)
 
-
-def _flows(texts: list[str]) -> list[tuple[str, int]]:
-    """``host port`` texts from a worker: malformed ones are the worker's fault."""
-    out = []
-    for text in texts:
-        host, _, port = text.rpartition(" ")
-        try:
-            out.append((str(ipaddress.ip_address(host)), int(port)))
-        except ValueError:
-            raise WireError(f"sessions report: {text!r} is not 'host port'") from None
-    return out

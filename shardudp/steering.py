@@ -42,6 +42,7 @@ the 40-byte header; a datagram with extension headers hashes other bytes
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import struct
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Final
@@ -117,6 +118,11 @@ def flow_hash(address: bytes, port: int, seed: int) -> int:
 
 def bucket_of(h: int) -> int:
     return h >> (32 - BUCKET_BITS)
+
+
+def hash_flow(host: str, port: int, seed: int) -> int:
+    """``flow_hash`` of a sender as Python names it (``host``, ``port``)."""
+    return flow_hash(ipaddress.ip_address(host).packed, port, seed)
 
 
 def _hash_code(ipv6: bool, seed: int) -> list[Insn]:

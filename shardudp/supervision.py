@@ -10,24 +10,11 @@ Rules:
 1. Everything that decides when a worker starts, stops or is replaced lives
    here; the master only carries out actions and reports events.
 2. States and reasons are enums, never strings: ``WorkerState``,
-   ``StopReason``, ``RestartReason``, ``Sig``. A slot's state is derived from
-   its fields by ``Slot.state`` (the table below), never stored twice.
-3. An impossible request from our own side (an event for a state that cannot
-   have it) raises ``BookkeepingError``; what a worker does wrong is a fault of
+   ``StopReason``, ``RestartReason``, ``Sig``.
+3. An event the supervisor cannot act on (a pid it no longer knows, a state
+   that cannot have it: a report that raced with an exit or a stop) is
+   ignored: the call returns no action. What a worker does wrong is a fault of
    that worker (``wire_fault``), never an exception here.
-
-A slot's states (``SlotState``), from its fields:
-
-==========  ===============================================================
-OPENING     added by a scale-up; its sockets are not open yet
-SPAWNING    a Spawn was emitted; its pid is not known yet
-BACKOFF     no worker; a respawn is scheduled at ``spawn_at``
-BOOTING     its worker was forked and has not said READY
-SERVING     its worker is READY (and, during a reload, a new one may boot)
-STOPPING    its worker was asked to stop or killed; the replacement follows
-RETIRING    scaled away: its worker drains, then the slot is closed
-DOWN        no worker and none scheduled (the server is stopping)
-==========  ===============================================================
 """
 
 from __future__ import annotations
@@ -36,6 +23,7 @@ import dataclasses
 import enum
 from typing import Final
 
+from .config import Address
 from .errors import ExitCode
 
 #: A worker that stayed READY this long has recovered: its slot's crash
@@ -134,19 +122,6 @@ class NotServing(enum.Enum):
     STOPPING = "stopping"
     UNRESPONSIVE = "not responding"
     CLOSED = "closed by the APP"
-
-
-class SlotState(enum.Enum):
-    """A slot's state, derived from its fields (see the module's table)."""
-
-    OPENING = "opening"
-    SPAWNING = "spawning"
-    BACKOFF = "backoff"
-    BOOTING = "booting"
-    SERVING = "serving"
-    STOPPING = "stopping"
-    RETIRING = "retiring"
-    DOWN = "down"
 
 
 # -- actions -------------------------------------------------------------------
@@ -297,10 +272,7 @@ class WorkerRecord:
 
 @dataclasses.dataclass
 class Slot:
-    """One worker slot: its current worker, a reload's incoming one, and its crash history.
-
-    ``state`` derives the ``SlotState`` from these fields.
-    """
+    """One worker slot: its current worker, a reload's incoming one, and its crash history."""
 
     index: int
     current: int | None = None  # pid serving the slot
@@ -319,20 +291,6 @@ class Slot:
     renew: StopReason | None = None
     #: Recent deaths blamed on a poison source: (when, which source).
     poison_deaths: list[tuple[float, str]] = dataclasses.field(default_factory=list)
-
-    def state(self, workers: dict[int, WorkerRecord]) -> SlotState:
-        """The slot's state given the supervisor's worker records (the module's table)."""
-        if self.retiring:
-            return SlotState.RETIRING
-        if self.opening:
-            return SlotState.OPENING
-        w = workers.get(self.current) if self.current is not None else None
-        if w is None:
-            if self.spawning:
-                return SlotState.SPAWNING
-            return SlotState.BACKOFF if self.spawn_at is not None else SlotState.DOWN
-        return {WorkerState.BOOTING: SlotState.BOOTING, WorkerState.READY: SlotState.SERVING,
-                WorkerState.STOPPING: SlotState.STOPPING}[w.state]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,9 +398,11 @@ class Supervisor:
             for s in live
         )
 
-    @property
-    def leader(self) -> int | None:
-        return self._leader
+    def silent(self, w: WorkerRecord, now: float) -> bool:
+        """Whether READY worker ``w`` has been quiet too long to count as reading its
+        sockets (``Policy.silent_after``): its flows are steered away and it is not healthy,
+        well before ``tick`` kills it at the timeout."""
+        return w.state is WorkerState.READY and now - w.last_seen > self.policy.silent_after
 
     # -- events
 
@@ -612,7 +572,7 @@ class Supervisor:
                 out[i] = NotServing.BOOTING
             elif w.state is WorkerState.STOPPING:
                 out[i] = NotServing.STOPPING
-            elif w.state is WorkerState.READY and now - w.last_seen > self.policy.silent_after:
+            elif self.silent(w, now):
                 out[i] = NotServing.UNRESPONSIVE
             else:
                 out[i] = None
@@ -670,7 +630,7 @@ class Supervisor:
         poison = None
         if culprit is not None:
             listener, host, port = culprit
-            poison = f"{f'[{host}]' if ':' in host else host}:{port} on {listener}"
+            poison = f"{Address(host, port)} on {listener}"
         was_incoming = s is not None and s.incoming == pid
         if s is not None:
             if s.current == pid:

@@ -10,6 +10,7 @@ a value of the wrong shape.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import struct
 from typing import Any, ClassVar, Final
 
@@ -205,6 +206,8 @@ class Sessions(Message):
     listener: str
     active: list[str]
     ended: list[str]
+    #: More messages of this report follow (a report is cut to fit frames).
+    more: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +217,40 @@ class Activate(Message):
     TAG: ClassVar[str] = "activate"
     listener: str
     active: bool
+
+
+#: Flows per Sessions message: at most ~70 bytes each (IPv6 with a zone), so
+#: a message stays well inside MAX_FRAME.
+SESSIONS_PER_MESSAGE: Final = 8192
+
+
+def sessions_report(listener: str, active: list[str], ended: list[str]) -> list[Sessions]:
+    """One report as messages that fit frames: the active flows first (so no
+    part of it makes a holder look empty), all but the last marked ``more``."""
+    entries = [(True, f) for f in active] + [(False, f) for f in ended]
+    n = SESSIONS_PER_MESSAGE
+    chunks = [entries[i:i + n] for i in range(0, len(entries), n)] or [[]]
+    return [Sessions(listener=listener, active=[f for a, f in chunk if a],
+                     ended=[f for a, f in chunk if not a], more=i < len(chunks) - 1)
+            for i, chunk in enumerate(chunks)]
+
+
+def flow_text(host: str, port: int) -> str:
+    """A sender as Refuse and Sessions carry it."""
+    return f"{host} {port}"
+
+
+def parse_flow_untrusted(text: str, what: str) -> tuple[str, int]:
+    """``flow_text`` back to (host, port); a WireError naming ``what`` if it is not one."""
+    host, _, port = text.rpartition(" ")
+    try:
+        ipaddress.ip_address(host)
+        if not (port.isdigit() and int(port) <= 0xFFFF):
+            raise ValueError
+        # As given: the receiving side compares it with what recvfrom named.
+        return host, int(port)
+    except ValueError:
+        raise WireError(f"{what}: {text!r} is not 'host port'") from None
 
 
 _TYPES: Final[dict[str, type[Message]]] = {

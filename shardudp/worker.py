@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import ipaddress
 import logging
 import os
 import signal
@@ -24,12 +23,12 @@ from typing import Any, Final
 
 from . import logs, process, wire
 from .apploader import AppError, boot_reason, booting, import_from_cwd, load_app, raised
-from .errors import ExitCode
+from .errors import ExitCode, WireError
 from .gate import Gate
 from .pipewriter import PipeWriter
 from .socketset import SlotSocket
 from .stats import ListenerStats
-from .steering import bucket_of, flow_hash
+from .steering import bucket_of, hash_flow
 
 log = logging.getLogger("shardudp.worker")
 
@@ -84,6 +83,8 @@ class SessionWatch:
         self.watch: frozenset[int] | str | None = None
         self.seed = 0
         self.reported: set[tuple[str, int]] = set()
+        #: When idle flows are next forgotten (a scan of all of them).
+        self.next_forget = 0.0
         self._asked = False
         self._buckets: dict[tuple[str, int], int] = {}
 
@@ -97,26 +98,37 @@ class SessionWatch:
         if self.watch is None:
             self.reported.clear()
 
-    def tick(self, now: float) -> wire.Sessions | None:
+    def tick(self, now: float) -> list[wire.Sessions]:
         flows = self.gate.flows
         if self.watch is None or flows is None:
-            return None
-        active = {(str(a[0]), int(a[1])) for a, seen in flows.items() if now - seen < self.idle}
+            return []
+        horizon = now - self.idle
+        active = {a: seen for a, seen in flows.items() if seen > horizon}
         if self.watch != "all":
-            active = {f for f in active if self._bucket(f) in self.watch}
-        new, ended = active - self.reported, self.reported - active
+            active = {f: seen for f, seen in active.items() if self._bucket(f) in self.watch}
+        # Most recently heard first: what the master cuts for want of room is the rest.
+        new = sorted(active.keys() - self.reported, key=active.__getitem__, reverse=True)
+        ended = sorted(self.reported - active.keys())
         if not (new or ended or self._asked):
-            return None
+            return []
         self._asked = False
-        self.reported = active
-        return wire.Sessions(listener=self.name, active=[f"{h} {p}" for h, p in sorted(new)],
-                             ended=[f"{h} {p}" for h, p in sorted(ended)])
+        self.reported = set(active)
+        return wire.sessions_report(self.name, [wire.flow_text(*f) for f in new],
+                                    [wire.flow_text(*f) for f in ended])
+
+    def forget_idle(self, now: float) -> None:
+        """Now and then, drop flows idle for twice ``idle`` (long enough to report
+        their end first): it scans them all, so not every tick."""
+        if now >= self.next_forget:
+            self.gate.forget_idle(now - 2 * self.idle)
+            self.next_forget = now + max(SESSION_TICK, self.idle / 4)
 
     def _bucket(self, flow: tuple[str, int]) -> int:
         b = self._buckets.get(flow)
         if b is None:
-            packed = ipaddress.ip_address(flow[0]).packed
-            b = self._buckets[flow] = bucket_of(flow_hash(packed, flow[1], self.seed))
+            if len(self._buckets) >= max(self.gate.cap, 1024):
+                self._buckets.clear()
+            b = self._buckets[flow] = bucket_of(hash_flow(flow[0], flow[1], self.seed))
         return b
 
 
@@ -181,11 +193,11 @@ class Worker:
             case wire.Activate():
                 self.activate(msg.listener, msg.active)
             case wire.Refuse():
-                sources = []
-                for text in msg.sources:
-                    host, _, port = text.rpartition(" ")
-                    if port.isdigit():
-                        sources.append((host, int(port)))
+                try:
+                    sources = [wire.parse_flow_untrusted(t, "refuse") for t in msg.sources]
+                except WireError as exc:
+                    log.error("%s from the master; ignored", exc)
+                    return
                 self._gate(msg.listener, lambda g: g.refuse(sources))
             case wire.Cover():
                 self._gate(msg.listener, lambda g: g.cover(msg.seed, msg.buckets))
@@ -216,11 +228,9 @@ class Worker:
         now = time.monotonic()
         for watch in self.sessions.values():
             watch.gate.now = now
-            msg = watch.tick(now)
-            if msg is not None:
+            for msg in watch.tick(now):
                 self.out.send(msg)
-            # Twice the idle time: long enough to report a flow's end first.
-            watch.gate.forget_idle(now - 2 * watch.idle)
+            watch.forget_idle(now)
 
     def _gate(self, name: str, change: Callable[[Gate], None]) -> None:
         gate, port = self.gates.get(name), self.ports.get(name)

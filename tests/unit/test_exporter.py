@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import select
@@ -327,6 +328,25 @@ def test_a_failing_source_gives_500_and_the_server_survives(view: LatestView) ->
         assert "shardudp_worker_up" in scrape(f"http://127.0.0.1:{port}")
     finally:
         server.close()
+
+
+def test_a_failing_health_check_gives_500_and_one_line_in_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    caplog.set_level(logging.INFO)
+    server, port = start_http("127.0.0.1", 0, LatestView(), broken)
+    try:
+        for _ in range(3):  # a probe's every attempt
+            assert get(f"http://127.0.0.1:{port}/healthz")[0] == 500
+        assert "shardudp_build_info" in scrape(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in failures] == [
+        "HTTP route /healthz failed: RuntimeError: boom"]
+    assert not failures[0].exc_info  # no traceback at every probe
 
 
 def test_busy_port_and_bad_port_give_clear_errors() -> None:

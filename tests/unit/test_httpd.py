@@ -19,11 +19,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import pytest
 
-from shardudp import httpd
+from shardudp import acceptgate, httpd
 from shardudp.errors import StartupError
 from shardudp.httpd import HttpEndpoint, Response, Route
 
@@ -547,7 +548,7 @@ def test_emfile_on_accept_backs_off_instead_of_spinning(
         # The spare descriptor let us answer the waiting client with a close.
         loop.until(first.closed)
         t0 = clock.now
-        assert loop.ep.next_deadline() == t0 + httpd.BACKOFF_MIN
+        assert loop.ep.next_deadline() == t0 + acceptgate.BACKOFF_MIN
 
         # A client waiting in the backlog does not wake the loop: no spin.
         second.connect()
@@ -558,15 +559,15 @@ def test_emfile_on_accept_backs_off_instead_of_spinning(
         assert not second.closed()
 
         # Re-armed after the back-off; still full: backed off again, doubled.
-        clock.now = t0 + httpd.BACKOFF_MIN
+        clock.now = t0 + acceptgate.BACKOFF_MIN
         loop.turn(0)
         assert listener_fd in loop.selector.get_map()
         loop.until(lambda: listener_fd not in loop.selector.get_map())
-        assert loop.ep.next_deadline() == clock.now + 2 * httpd.BACKOFF_MIN
+        assert loop.ep.next_deadline() == clock.now + 2 * acceptgate.BACKOFF_MIN
 
         free()
         third.connect()
-        clock.now += 2 * httpd.BACKOFF_MIN
+        clock.now += 2 * acceptgate.BACKOFF_MIN
         third.get("/metrics")
         assert third.reply().status == 200
 
@@ -578,4 +579,58 @@ def test_emfile_on_accept_backs_off_instead_of_spinning(
     with fd_table_full():
         fourth.connect()
         loop.until(lambda: listener_fd not in loop.selector.get_map())
-        assert loop.ep.next_deadline() == clock.now + httpd.BACKOFF_MIN
+        assert loop.ep.next_deadline() == clock.now + acceptgate.BACKOFF_MIN
+
+
+class FlakySelector(selectors.DefaultSelector):
+    """A selector whose register() fails while ``fail`` is set, as epoll_ctl out of memory."""
+
+    fail = False
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        if self.fail:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return super().register(fileobj, events, data)
+
+
+def test_a_listener_that_cannot_be_watched_again_backs_off_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sel = FlakySelector()
+    logger = logging.getLogger("shardudp.test_gate")
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    with contextlib.closing(sel), socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        fd = listener.fileno()
+        gate = acceptgate.AcceptGate("test listener", listener, sel, lambda mask: None, logger)
+        assert fd in sel.get_map() and gate.deadline is None
+
+        gate.pause(100.0, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        assert fd not in sel.get_map()
+        assert gate.deadline == 100.0 + acceptgate.BACKOFF_MIN
+
+        sel.fail = True
+        gate.expire(100.0)  # its pause is not over: nothing to do
+        now = 100.0 + acceptgate.BACKOFF_MIN
+        gate.expire(now)  # must not raise into the master's loop
+        assert fd not in sel.get_map()
+        assert gate.deadline == now + 2 * acceptgate.BACKOFF_MIN
+
+        gate.expire(200.0)  # a minute on: said again, with how many were held back
+        assert gate.deadline == 200.0 + 4 * acceptgate.BACKOFF_MIN
+
+        sel.fail = False
+        gate.expire(201.0)
+        assert fd in sel.get_map() and gate.deadline is None
+        gate.accepted()
+        gate.pause(202.0)
+        assert gate.deadline == 202.0 + acceptgate.BACKOFF_MIN  # accepting reset the back-off
+
+        gate.close()
+        gate.close()  # idempotent
+        assert not sel.get_map() and gate.deadline is None
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
+        "test listener cannot accept connections: Too many open files; "
+        "pausing accepts for 0.05s",
+        "test listener cannot watch its socket: Cannot allocate memory "
+        "(1 more like this in the last 60s)"]

@@ -528,6 +528,26 @@ def test_reopen_while_the_writer_is_stuck_returns_and_queued_lines_keep_their_fi
     assert (tmp_path / "logs" / "a.log.1").read_text() == "before\nqueued before the rotation\n"
 
 
+def test_reopens_while_the_writer_is_stuck_hold_one_new_file_and_the_newest_wins(
+        tmp_path: Path, file_output: logs._OutputHandler,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hang = _OsWhoseFirstWriteHangs()
+    monkeypatch.setattr(logs, "os", hang)
+    file_output.handle(_record("before"))
+    assert hang.writing.wait(2)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        (tmp_path / "logs" / "a.log").rename(tmp_path / "logs" / f"a.log.{i}")
+        assert logs.reopen()
+    # One pending switch, not fifty open files waiting behind a stuck write.
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 1
+    file_output.handle(_record("after"))
+    hang.go.set()
+    assert logs.flush(2.0)
+    assert (tmp_path / "logs" / "a.log").read_text() == "after\n"
+    assert (tmp_path / "logs" / "a.log.0").read_text() == "before\n"
+
+
 def test_reopen_that_fails_keeps_the_old_file_and_says_why(
         tmp_path: Path, file_output: logs._OutputHandler) -> None:
     file_output.handle(_record("before"))

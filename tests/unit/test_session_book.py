@@ -58,3 +58,16 @@ def test_a_worker_draining_several_listeners_is_done_when_all_are() -> None:
     assert book.done() == []
     book.report(7, "b", [], [A], room=10)
     assert book.done() == [7]
+
+
+def test_a_report_in_several_messages_counts_as_said_only_with_its_last() -> None:
+    book = Book()
+    book.hold(100, "echo", (0, 0), deadline=60.0, draining=True)
+    book.report(100, "echo", [], [], room=10, more=True)
+    # An empty first part is no "holds nothing": the rest may hold flows.
+    assert book.done() == [] and not book.holders[100, "echo"].reported
+    book.report(100, "echo", [A], [], room=10)
+    assert book.holders[100, "echo"].reported and book.pins("echo") == {A: (0, 0)}
+    # Once said, a later report's first part does not take that back.
+    book.report(100, "echo", [B], [], room=10, more=True)
+    assert book.holders[100, "echo"].reported and book.pinned("echo") == 2
