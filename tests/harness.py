@@ -38,6 +38,12 @@ def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
         return int(s.getsockname()[1])
 
 
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes (not zombies) of session ``sid``."""
     out = []
@@ -251,6 +257,12 @@ def serving(app: str, workers: int = 2, extra: Sequence[str] = (),
         return
     with started(launch, tries=tries, timeout=20) as running:
         yield running
+
+
+def metrics_port(srv: Server) -> int:
+    """The port a server started with ``--metrics 127.0.0.1:0`` picked (race-free,
+    unlike a port chosen here first: a client connection may take that one)."""
+    return int(srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")[0].group(1))
 
 
 def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:

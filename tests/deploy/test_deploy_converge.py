@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 from deploytools import ANSIBLE, REPO, local_inventory, run, tool, tool_env
-from harness import STARTED_SESSIONS, free_port, session_pids, wait_pid_gone
+from harness import STARTED_SESSIONS, free_port, free_tcp_port, session_pids, wait_pid_gone
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [
@@ -52,12 +52,6 @@ NOT_SOURCE = {".git", ".ci", "tests", "bench", "deploy", "build", "dist", "__pyc
               ".mypy_cache", ".ruff_cache", ".pytest_cache", ".venv", "venv"}
 WORKERS = 2
 SKIP_MESSAGE = "systemd is not running on this host (no /run/systemd/system)"
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def recap(output: str) -> dict[str, int]:

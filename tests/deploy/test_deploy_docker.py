@@ -24,7 +24,7 @@ import container
 import pytest
 import yaml
 from deploytools import ANSIBLE, DOCKER, REPO, ROLE, run, tool
-from harness import free_port, session_pids
+from harness import free_port, free_tcp_port, session_pids
 
 from shardudp.cli import usable_cpus
 
@@ -261,12 +261,6 @@ def namespaces_missing() -> str | None:
     if not os.access(entrypoint, os.X_OK):
         return f"the image's entrypoint {entrypoint} is not on this machine (apt-get install tini)"
     return None
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 ADDRESS = re.compile(r'"(\[[^\]]*\]|[^":]*):(\d+)"')

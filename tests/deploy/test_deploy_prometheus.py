@@ -17,7 +17,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from deploytools import DEPLOY, ROLE, run, tool, tool_env
-from harness import STARTED_SESSIONS, Flows, serving, session_pids
+from harness import STARTED_SESSIONS, Flows, free_tcp_port, serving, session_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -187,12 +186,6 @@ def test_dashboard_shows_the_data_path_and_the_serving_state() -> None:
 
 
 # -- a real Prometheus
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

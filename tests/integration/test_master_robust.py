@@ -35,6 +35,7 @@ from harness import (
     free_port,
     http_get,
     metric_sum,
+    metrics_port,
     run_cli,
     serving,
     session_pids,
@@ -91,15 +92,15 @@ def test_a_log_output_nobody_reads_never_wedges_the_master(tmp_path: Path) -> No
     rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     wfd = os.open(fifo, os.O_WRONLY)
     sock = str(tmp_path / "c.sock")
-    mport = free_port()
     args = ["run", "apps:Chatty", "--bind", f"127.0.0.1:{free_port()}", "--workers", "2",
-            "--control", sock, "--metrics", f"127.0.0.1:{mport}"]
+            "--control", sock, "--metrics", "127.0.0.1:0"]
     try:
         with server_on(args, wfd) as proc:
             os.close(wfd)
             wfd = -1
             before = until("2 ready workers", lambda: len(pids_of(_try_status(sock))) == 2
                            and pids_of(_try_status(sock)), 20)
+            mport = int(status_at(sock)["metrics_port"])
             # A pipe counts as full when its pages are, whatever bytes they hold.
             until("a full FIFO", lambda: _queued(rfd) >= 32768, 10)
             # kill -9 of a worker: replaced within 1 s.
@@ -185,9 +186,9 @@ def crowd(port: int, n: int) -> Iterator[None]:
 
 
 def test_a_crowd_on_the_metrics_port_takes_no_more_than_its_bound() -> None:
-    mport = free_port()
-    with serving("apps:WhoAmI", workers=2, extra=["--metrics", f"127.0.0.1:{mport}"]) \
+    with serving("apps:WhoAmI", workers=2, extra=["--metrics", "127.0.0.1:0"]) \
             as (srv, port):
+        mport = metrics_port(srv)
         base_fds = len(os.listdir(f"/proc/{srv.pid}/fd"))
         with crowd(mport, 1000):
             until("the crowd handled", lambda: len(os.listdir(f"/proc/{srv.pid}/fd"))
@@ -256,10 +257,10 @@ def test_a_paused_master_kills_no_worker_when_it_resumes() -> None:
 
 
 def test_a_leaking_worker_is_replaced_successor_first_with_nothing_lost() -> None:
-    mport = free_port()
-    extra = ["--max-worker-memory", "120M", "--metrics", f"127.0.0.1:{mport}"]
+    extra = ["--max-worker-memory", "120M", "--metrics", "127.0.0.1:0"]
     with serving("apps:Leaky", workers=1, extra=extra) as (srv, port), \
             Stream(port, n=20) as stream:
+        mport = metrics_port(srv)
         mark = srv.mark()
         res = stream.run(300, 6.0)
         res.report("a leaking handler under max_worker_memory 120M")
@@ -313,11 +314,11 @@ def test_truncated_datagrams_are_counted_and_said_once_with_the_size_that_fits(
 
     if datapath in datapaths.missing():
         pytest.skip(f"{datapath} cannot run here: {datapaths.missing()[datapath]}")
-    mport = free_port()
-    extra = ["--max-packet-size", "100", "--metrics", f"127.0.0.1:{mport}",
+    extra = ["--max-packet-size", "100", "--metrics", "127.0.0.1:0",
              "--metrics-interval", "0.2", "--datapath", datapath]
     with serving("apps:WhoAmI", workers=1, extra=extra) as (srv, port), \
             Stream(port, n=1) as stream:
+        mport = metrics_port(srv)
         for size in (50, 300, 200):
             stream.send_to(0, b"x" * size)
         until("two truncated datagrams", lambda: metric_sum(

@@ -15,16 +15,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from harness import Flows, McastSenders, Server, ctl, free_port, http_get, serving
+from harness import Flows, McastSenders, Server, ctl, free_port, http_get, metrics_port, serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardudp.sockets import shard_of
 
 FAST = ["--metrics", "127.0.0.1:0", "--metrics-interval", "0.2"]
-
-
-def metrics_port(srv: Server) -> int:
-    return int(srv.wait_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")[0].group(1))
 
 
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Server, ctl, free_port, http_get, metric_sum, serving
+from harness import Server, ctl, http_get, metric_sum, metrics_port, serving
 from steady import Stream
 
 from shardudp.steering import Steering, Table, flow_hash
@@ -64,9 +64,8 @@ def test_the_kernel_steers_every_flow_where_the_program_twin_says(
 
 
 def test_a_poison_source_is_quarantined_after_its_second_kill_and_released() -> None:
-    mport = free_port(socket.AF_INET)
     with serving("apps:Faulty", workers=2, extra=["--quarantine", "3.5", "--metrics",
-                                                  f"127.0.0.1:{mport}"]) as (srv, port), \
+                                                  "127.0.0.1:0"]) as (srv, port), \
             Stream(port) as stream:
         before = slot_of_pid(status(srv))
         poisoner = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -104,8 +103,7 @@ def _survivors(srv: Server, before: dict[int, int]) -> set[int]:
 
 
 def test_an_app_that_closes_its_port_is_replaced_and_its_flows_are_served() -> None:
-    mport = free_port(socket.AF_INET)
-    with serving("apps:Faulty", workers=2, extra=["--metrics", f"127.0.0.1:{mport}"]) \
+    with serving("apps:Faulty", workers=2, extra=["--metrics", "127.0.0.1:0"]) \
             as (srv, port), Stream(port) as stream:
         before = slot_of_pid(status(srv))
         closer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -136,10 +134,10 @@ def _metric(srv: Server, name: str, **labels: str) -> float:
 
 
 def test_a_stopped_worker_is_killed_at_its_deadline_and_its_flows_served() -> None:
-    mport = free_port(socket.AF_INET)
     with serving("apps:Faulty", workers=2,
-                 extra=["--timeout", "3", "--metrics", f"127.0.0.1:{mport}"]) as (srv, port), \
+                 extra=["--timeout", "3", "--metrics", "127.0.0.1:0"]) as (srv, port), \
             Stream(port) as stream:
+        mport = metrics_port(srv)
         before = slot_of_pid(status(srv))
         victim, victim_slot = next(iter(before.items()))
         seen: dict[str, Any] = {}

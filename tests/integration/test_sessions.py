@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Server, ctl, free_port, metric_sum, serving
+from harness import Server, ctl, metric_sum, metrics_port, serving
 
 PER_FLOW_INTERVAL = 0.1  # each flow sends ten datagrams a second
 
@@ -118,10 +118,10 @@ def version_file(tmp_path: Path) -> Path:
 
 def test_a_reload_keeps_every_active_session_and_new_flows_get_the_new_code(
         version_file: Path) -> None:
-    mport = free_port()
-    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", f"127.0.0.1:{mport}"]
+    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", "127.0.0.1:0"]
     with serving("apps:Sessions", workers=2, extra=extra,
                  env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
+        mport = metrics_port(srv)
         clients = Clients(port)
         try:
             _reload_keeps_sessions(srv, clients, version_file, 200, mport)
@@ -141,11 +141,11 @@ def test_every_data_path_keeps_sessions_across_a_reload(
 
         if "c" in datapaths.missing():
             pytest.skip(f"the C data path is not built here: {datapaths.missing()['c']}")
-    mport = free_port()
-    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", f"127.0.0.1:{mport}",
+    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", "127.0.0.1:0",
              "--datapath", datapath]
     with serving("apps:Sessions", workers=2, extra=extra, family=family,
                  env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
+        mport = metrics_port(srv)
         clients = Clients(port, family)
         try:
             _reload_keeps_sessions(srv, clients, version_file, 40, mport, seconds=2.0)
@@ -212,10 +212,10 @@ def _settled(srv: Server, clients: Clients, flows: list[int], n: int,
 
 
 def test_scaling_keeps_active_sessions_and_moves_few_flows(version_file: Path) -> None:
-    mport = free_port()
-    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", f"127.0.0.1:{mport}"]
+    extra = ["--session-idle", "1", "--drain-timeout", "30", "--metrics", "127.0.0.1:0"]
     with serving("apps:Sessions", workers=2, extra=extra,
                  env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
+        mport = metrics_port(srv)
         clients = Clients(port)
         try:
             flows = clients.add(200)
@@ -239,11 +239,11 @@ def test_scaling_keeps_active_sessions_and_moves_few_flows(version_file: Path) -
 
 
 def test_a_session_busy_past_the_drain_deadline_is_cut_and_counted(version_file: Path) -> None:
-    mport = free_port()
     extra = ["--session-idle", "1", "--drain-timeout", "1.5", "--metrics",
-             f"127.0.0.1:{mport}", "--workers", "1"]
+             "127.0.0.1:0", "--workers", "1"]
     with serving("apps:Sessions", workers=1, extra=extra,
                  env={"APP_VERSION_FILE": str(version_file)}) as (srv, port):
+        mport = metrics_port(srv)
         clients = Clients(port)
         try:
             busy = clients.add(1)
